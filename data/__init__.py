@@ -1,0 +1,29 @@
+"""Datasets: find image/mask pairs, read them, augment them, and load them reproducibly.
+
+    index = find_dataset("path/to/COD10K-v3")          # or a SINet-layout folder, or "demo"
+    train, val = split_train_val(index.train, 0.1, seed)   # validation comes from Train, never Test
+    loader = build_loader(SegDataset(train, 384, train=True, aug=aug_preset("moderate")),
+                          batch_size=8, shuffle=True, num_workers=4, seed=seed)
+"""
+
+from .dataset import SegDataset
+from .demo import make_demo_dataset
+from .discovery import DatasetIndex, Sample, find_dataset, split_train_val
+from .images import load_image, load_mask
+from .loader import build_loader
+from .transforms import AUG_PRESETS, AugConfig, aug_preset
+
+__all__ = [
+    "AUG_PRESETS",
+    "AugConfig",
+    "DatasetIndex",
+    "Sample",
+    "SegDataset",
+    "aug_preset",
+    "build_loader",
+    "find_dataset",
+    "load_image",
+    "load_mask",
+    "make_demo_dataset",
+    "split_train_val",
+]

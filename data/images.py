@@ -1,0 +1,84 @@
+"""Reading images and masks from disk into the two arrays everything else expects.
+
+``load_image`` -> HxWx3 uint8 RGB and ``load_mask`` -> HxW uint8 in {0, 1}, whatever the file holds
+(grey, RGBA, 16-bit, noisy JPEG masks). An unreadable file is a ``UserError`` naming the file.
+Pixels are read as stored (``IMREAD_UNCHANGED``), so JPEG EXIF orientation is not applied: the
+image keeps the pixel grid its mask was drawn on.
+"""
+
+from __future__ import annotations
+
+import os
+
+import cv2
+import numpy as np
+
+from errors import UserError
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+MASK_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def _read(path: str | os.PathLike, what: str) -> np.ndarray:
+    path = os.fspath(path)
+    try:
+        # fromfile + imdecode instead of imread: works for any path (non-ASCII, long) on every OS.
+        buf = np.fromfile(path, dtype=np.uint8)
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path}: {e.strerror or e}; "
+                        "check the file exists and is readable") from None
+    arr = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
+    if arr is None:
+        raise UserError(f"cannot decode {what} {path}: not a readable image file; "
+                        "re-export it as PNG or JPEG or remove it")
+    return arr
+
+
+def _to_uint8(arr: np.ndarray, path: str | os.PathLike, what: str) -> np.ndarray:
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.uint16:
+        return ((arr.astype(np.uint32) + 128) // 257).astype(np.uint8)  # 65535 -> 255, rounded
+    if arr.dtype in (np.float32, np.float64):
+        a = np.nan_to_num(arr.astype(np.float32))
+        if a.max(initial=0.0) <= 1.0:
+            a = a * 255.0
+        return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+    raise UserError(f"{what} {os.fspath(path)} has unsupported pixel type {arr.dtype}; "
+                    "save it as 8- or 16-bit PNG/JPEG")
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image as HxWx3 uint8 RGB: grey is repeated to 3 channels, alpha dropped, 16-bit scaled."""
+    arr = _to_uint8(_read(path, "image"), path, "image")
+    if arr.ndim == 2:
+        return np.ascontiguousarray(np.repeat(arr[:, :, None], 3, axis=2))
+    channels = arr.shape[2]
+    if channels == 1 or channels == 2:  # grey, grey + alpha
+        return np.ascontiguousarray(np.repeat(arr[:, :, :1], 3, axis=2))
+    if channels == 3:
+        return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+    if channels == 4:
+        return cv2.cvtColor(arr, cv2.COLOR_BGRA2RGB)
+    raise UserError(f"image {os.fspath(path)} has {channels} channels; save it as grey, RGB or RGBA")
+
+
+def load_mask(path: str | os.PathLike, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Read a mask as HxW uint8 in {0, 1}: foreground is grey > 127 (after 16-bit -> 8-bit).
+
+    Colour masks are converted to grey (alpha ignored), so noisy JPEG masks binarise cleanly.
+    ``size=(H, W)`` resizes it with nearest neighbour (e.g. to its image's size); never bilinear.
+    """
+    arr = _to_uint8(_read(path, "mask"), path, "mask")
+    if arr.ndim == 3:
+        channels = arr.shape[2]
+        if channels == 3:
+            arr = cv2.cvtColor(arr, cv2.COLOR_BGR2GRAY)
+        elif channels == 4:
+            arr = cv2.cvtColor(arr, cv2.COLOR_BGRA2GRAY)
+        else:
+            arr = arr[:, :, 0]
+    mask = (arr > 127).astype(np.uint8)
+    if size is not None and mask.shape != tuple(size):
+        mask = cv2.resize(mask, (int(size[1]), int(size[0])), interpolation=cv2.INTER_NEAREST)
+    return mask

@@ -1,0 +1,87 @@
+"""``build_loader``: a DataLoader whose order *and* augmentation follow from one seed.
+
+One ``torch.Generator`` seeded with ``seed`` drives everything:
+- the shuffle order (the sampler draws from it);
+- with ``num_workers > 0``: PyTorch seeds worker ``k`` with ``base_seed + k``, ``base_seed`` drawn from
+  the generator; ``worker_init_fn`` reseeds numpy, ``random`` and the dataset's augmentation from it;
+- with ``num_workers == 0``: every ``iter(loader)`` draws a seed from the generator and reseeds the
+  dataset's augmentation in the main process (torch's global RNG is left alone).
+
+So two loaders built with the same seed and ``num_workers`` yield identical batches, epoch after
+epoch (different ``num_workers`` give different, equally valid, augmentations). ``set_epoch(e)``
+re-seeds the generator from ``(seed, e)``, making epoch ``e`` a function of the epoch number alone
+(what a resumed run needs); without it epochs simply follow one another from the initial seed.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+
+def _mix(*values: int) -> int:
+    return int(np.random.SeedSequence([int(v) % 2**64 for v in values]).generate_state(1, np.uint64)[0])
+
+
+def reseed_dataset(dataset: Dataset, seed: int) -> None:
+    """Reseed the augmentation of ``dataset`` (or of the datasets inside a Subset / ConcatDataset)."""
+    if hasattr(dataset, "reseed"):
+        dataset.reseed(seed)
+    elif hasattr(dataset, "datasets"):  # ConcatDataset
+        for k, d in enumerate(dataset.datasets):
+            reseed_dataset(d, _mix(seed, k))
+    elif hasattr(dataset, "dataset"):  # Subset
+        reseed_dataset(dataset.dataset, seed)
+
+
+def seed_worker(worker_id: int) -> None:
+    """worker_init_fn: seed numpy, random and the augmentation from the worker's torch seed."""
+    seed = torch.initial_seed()  # base_seed + worker_id, base_seed drawn from the loader's generator
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+    info = get_worker_info()
+    if info is not None:
+        reseed_dataset(info.dataset, seed)
+
+
+class SeededDataLoader(DataLoader):
+    """A DataLoader with a private seeded generator; see the module docstring."""
+
+    def __init__(self, *args, seed: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seed = int(seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next pass's order and augmentation a function of ``(seed, epoch)`` only."""
+        self.generator.manual_seed(_mix(self.seed, epoch))
+
+    def __iter__(self):
+        if self.num_workers == 0:
+            reseed_dataset(self.dataset, int(torch.randint(0, 2**62, (), generator=self.generator).item()))
+        return super().__iter__()
+
+
+def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int,
+                 drop_last: bool = False) -> SeededDataLoader:
+    """A reproducible DataLoader: the same ``seed`` gives the same batches, for any ``num_workers``."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0 (got {num_workers})")
+    generator = torch.Generator()
+    generator.manual_seed(int(seed))
+    return SeededDataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        pin_memory=torch.cuda.is_available(),
+        worker_init_fn=seed_worker,
+        generator=generator,
+        persistent_workers=False,  # fresh workers each pass, seeded from the generator (set_epoch works)
+        seed=seed,
+    )
