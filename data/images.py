@@ -64,7 +64,8 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
 
 
 def load_mask(path: str | os.PathLike, size: tuple[int, int] | None = None) -> np.ndarray:
-    """Read a mask as HxW uint8 in {0, 1}: foreground is grey > 127 (after 16-bit -> 8-bit).
+    """Read a mask as HxW uint8 in {0, 1}: foreground is grey > 127 (after 16-bit -> 8-bit), except
+    that a PNG/BMP/TIFF whose values are only 0 and 1 is read as the 0/1 label map it is.
 
     Colour masks are converted to grey (alpha ignored), so noisy JPEG masks binarise cleanly.
     ``size=(H, W)`` resizes it with nearest neighbour (e.g. to its image's size); never bilinear.
@@ -78,7 +79,14 @@ def load_mask(path: str | os.PathLike, size: tuple[int, int] | None = None) -> n
             arr = cv2.cvtColor(arr, cv2.COLOR_BGRA2GRAY)
         else:
             arr = arr[:, :, 0]
-    mask = (arr > 127).astype(np.uint8)
+    if arr.max(initial=0) == 1 and _is_lossless(path):
+        mask = arr.astype(np.uint8)  # a 0/1 label map (lossless formats only: JPEG noise is not a label)
+    else:
+        mask = (arr > 127).astype(np.uint8)
     if size is not None and mask.shape != tuple(size):
         mask = cv2.resize(mask, (int(size[1]), int(size[0])), interpolation=cv2.INTER_NEAREST)
     return mask
+
+
+def _is_lossless(path) -> bool:
+    return os.path.splitext(str(path))[1].lower() in (".png", ".bmp", ".tif", ".tiff")

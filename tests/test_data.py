@@ -404,3 +404,14 @@ def test_kvasir():
     item = SegDataset(idx.tests["Kvasir-val"], 64, train=False)[0]
     _check_item(item, 64)
     assert 0 < item["mask"].mean() < 1
+
+
+def test_zero_one_png_mask_is_a_label_map_but_jpeg_noise_is_not(tmp_path):
+    labels = np.zeros((8, 8), np.uint8)
+    labels[2:5, 2:6] = 1
+    cv2.imwrite(str(tmp_path / "m.png"), labels)
+    assert np.array_equal(load_mask(str(tmp_path / "m.png")), labels)
+    cv2.imwrite(str(tmp_path / "m.bmp"), labels)
+    assert np.array_equal(load_mask(str(tmp_path / "m.bmp")), labels)
+    cv2.imwrite(str(tmp_path / "n.jpg"), labels)  # in a JPEG, values of 0-1 are compression noise
+    assert load_mask(str(tmp_path / "n.jpg")).sum() == 0
