@@ -1,0 +1,68 @@
+"""Every command users run (../shared/usage/commands.txt) runs here, shrunk to a few CPU batches.
+
+The dataset path is replaced by a small COD10K-v3-layout folder, Kaggle's working paths by a temp
+folder, and the acceptance flags are appended (later flags win). Commands run in file order, so the
+``--resume-from .../best_model.pth`` ones resume from what the earlier ones wrote.
+"""
+
+import os
+import shlex
+import shutil
+
+import cv2
+import pytest
+
+import train_ultimate
+from data import make_demo_dataset
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+COMMANDS = os.path.join(HERE, "..", "..", "shared", "usage", "commands.txt")
+SHRINK = ["--epochs", "2", "--stage1-epochs", "1", "--img-size", "64", "--limit-batches", "2",
+          "--num-workers", "0", "--no-pretrained", "--no-progress"]
+
+
+def read_commands(path):
+    lines, current = [], ""
+    for raw in open(path):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        current += " " + line.rstrip("\\").strip()
+        if not line.endswith("\\"):
+            lines.append(shlex.split(current))
+            current = ""
+    return lines
+
+
+def make_cod10k(root, demo):
+    """A COD10K-v3 folder (CAM and NonCAM names) built from generated images."""
+    names = sorted(os.listdir(os.path.join(demo, "TrainDataset", "Imgs")))
+    for split, subset in (("Train", names[:12]), ("Test", names[12:16])):
+        os.makedirs(os.path.join(root, split, "Image"))
+        os.makedirs(os.path.join(root, split, "GT_Object"))
+        for i, name in enumerate(subset):
+            stem = os.path.splitext(name)[0]
+            kind = "NonCAM" if i == 0 else "CAM"
+            new = f"COD10K-{kind}-1-Aquatic-1-Fish-{split}{i}"
+            img = cv2.imread(os.path.join(demo, "TrainDataset", "Imgs", name))
+            gt = cv2.imread(os.path.join(demo, "TrainDataset", "GT", stem + ".png"), cv2.IMREAD_GRAYSCALE)
+            cv2.imwrite(os.path.join(root, split, "Image", new + ".jpg"), img)
+            cv2.imwrite(os.path.join(root, split, "GT_Object", new + ".png"), gt)
+    return root
+
+
+@pytest.mark.skipif(not os.path.isfile(COMMANDS), reason="../shared/usage/commands.txt not present")
+def test_every_user_command_runs(tmp_path):
+    demo = make_demo_dataset(str(tmp_path / "demo"), n_train=16, n_test=2, size=64, seed=1)
+    cod = make_cod10k(str(tmp_path / "COD10K-v3"), demo)
+    work = str(tmp_path / "working")
+    commands = read_commands(COMMANDS)
+    assert len(commands) >= 7
+    for argv in commands:
+        assert argv[:3] == ["python", "train_ultimate.py", "train"], argv
+        args = [a.replace("/kaggle/input/cod10k-dataset/COD10K-v3", cod).replace("/kaggle/working", work)
+                for a in argv[3:]]
+        rc = train_ultimate.main(["train", *args, *SHRINK])
+        assert rc == 0, " ".join(argv)
+        ckpt_dir = args[args.index("--checkpoint-dir") + 1]
+        assert os.path.isfile(os.path.join(ckpt_dir, "best_model.pth")), " ".join(argv)

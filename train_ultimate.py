@@ -1,0 +1,66 @@
+#!/usr/bin/env python
+"""Camouflaged object detection: train an EdgeNeXt + mixture-of-experts model in two stages.
+
+    python train_ultimate.py train --dataset-path demo --backbone edgenext_xx_small --no-pretrained
+    python train_ultimate.py schedule --steps-per-epoch 100 --scheduler cosine --warmup-epochs 3
+    python train_ultimate.py <command> --help
+
+This file only parses the command line into a ``Config`` and hands it over; a ``UserError`` becomes
+one ``error: ...`` line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from training.config import add_train_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="train_ultimate.py",
+        description="Two-stage camouflaged object detection training (EdgeNeXt + mixture of experts).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model (stage 1 frozen backbone, stage 2 unfrozen)")
+    add_train_arguments(p)
+
+    p = sub.add_parser("schedule", help="print (and plot) the LR plan that train would follow")
+    add_train_arguments(p)
+    g = p.add_argument_group("preview")
+    g.add_argument("--steps-per-epoch", type=int, default=None,
+                   help="optimizer steps per epoch for every stage, instead of counting --dataset-path")
+    g.add_argument("--out", default=None, help="write step,epoch,stage,lr for every optimizer step (CSV)")
+    g.add_argument("--plot", default=None, help="draw the curve to a PNG (needs matplotlib)")
+    return parser
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            from training.config import config_from_args
+            from training.trainer import fit
+
+            fit(config_from_args(args))
+        elif args.command == "schedule":
+            from training.config import config_from_args
+            from training.preview import preview_schedule
+
+            preview_schedule(config_from_args(args), args.steps_per_epoch, args.out, args.plot)
+        return 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: last.pth holds the last completed epoch", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

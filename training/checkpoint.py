@@ -1,0 +1,152 @@
+"""Checkpoints that survive interruption and load with ``torch.load(weights_only=True)``.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (no pickled classes):
+
+    format_version, model, ema, optimizer, scaler, epoch (last completed, 0-based), stage,
+    global_step, unfreeze_level, best {metric, value, epoch}, history [rows], rng {...}, config {...}
+
+``save`` writes a temporary file in the same folder, fsyncs it and ``os.replace``s it over the
+target, so a kill at any moment leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import tempfile
+from typing import Any
+
+import numpy as np
+import torch
+
+from errors import UserError
+
+FORMAT_VERSION = 1
+log = logging.getLogger("cod")
+
+
+def save(state: dict, path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load(path: str) -> dict:
+    """Load a checkpoint or a bare state_dict; a missing or unreadable file is a UserError."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path} (check --resume-from / --checkpoint)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or holds pickled objects
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot read checkpoint {path}: {first[:200]} "
+                        "(is it a complete .pth written by torch.save?)") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} holds a {type(obj).__name__}, not a checkpoint or state_dict")
+    return obj
+
+
+def is_full_checkpoint(obj: dict) -> bool:
+    return "format_version" in obj and "model" in obj
+
+
+def model_state_of(obj: dict) -> dict:
+    """The model weights inside a full checkpoint, a {'state_dict': ...} wrapper or a bare state_dict."""
+    for key in ("model", "state_dict", "model_state_dict"):
+        if key in obj and isinstance(obj[key], dict):
+            return obj[key]
+    return obj
+
+
+def strip_module_prefix(state: dict) -> dict:
+    """Remove the ``module.`` prefix that DataParallel/DDP add, so either kind loads anywhere."""
+    if state and all(k.startswith("module.") for k in state):
+        return {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def load_model_weights(model: torch.nn.Module, state: dict, path: str) -> None:
+    """Load weights strictly, except for parts the model marks optional (``optional_state_prefixes``,
+    e.g. the deep-supervision side heads): switching ``--deep-supervision`` on when resuming starts
+    those heads fresh, switching it off drops them. Both are logged."""
+    state = strip_module_prefix(state)
+    target = unwrap(model)
+    optional = tuple(getattr(target, "optional_state_prefixes", ()))
+    missing, unexpected = _key_diff(target.state_dict(), state)
+    if any(not k.startswith(optional) for k in missing + unexpected) or not optional:
+        try:
+            target.load_state_dict(state, strict=True)
+            return
+        except RuntimeError:
+            raise UserError(
+                f"weights in {path} do not fit this model ({len(missing)} missing, {len(unexpected)} "
+                f"unexpected keys, e.g. {(missing or unexpected)[:2]}): use the same --backbone, "
+                "--num-experts and --decoder-channels as the run that wrote it") from None
+    target.load_state_dict({k: v for k, v in state.items() if k not in unexpected}, strict=False)
+    if missing:
+        log.info("Weights: %d tensors of %s are new in this model (%s...): they start fresh",
+                 len(missing), path, missing[0])
+    if unexpected:
+        log.info("Weights: %d tensors in %s are not used by this model (%s...): dropped",
+                 len(unexpected), path, unexpected[0])
+
+
+def _key_diff(expected: dict, got: dict) -> tuple[list, list]:
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    if not missing and not unexpected:  # same keys: a shape mismatch
+        missing = [k for k in expected if tuple(expected[k].shape) != tuple(got[k].shape)]
+    return missing, unexpected
+
+
+# ---- RNG state as plain data ------------------------------------------------------------------
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": _to_plain(random.getstate()),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                  int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    if not state:
+        return
+    random.setstate(_to_tuple(state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_plain(x):
+    if isinstance(x, tuple):
+        return [_to_plain(v) for v in x]
+    return x
+
+
+def _to_tuple(x):
+    if isinstance(x, list):
+        return tuple(_to_tuple(v) for v in x)
+    return x

@@ -1,0 +1,44 @@
+"""``train_ultimate.py schedule``: the LR plan that ``train`` would follow, before any training."""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import schedulers
+from errors import UserError
+from training.config import Config
+from training.stages import plan_stages
+
+log = logging.getLogger("cod")
+
+
+def preview_schedule(cfg: Config, steps_per_epoch: Optional[int] = None, out: Optional[str] = None,
+                     plot: Optional[str] = None) -> schedulers.LRPlan:
+    """Print the plan and an ASCII plot; optionally write the per-step CSV and a PNG.
+
+    Steps per epoch are counted from ``--dataset-path`` exactly as ``train`` counts them (same
+    validation split, batch sizes, accumulation and ``--limit-batches``), unless given directly.
+    """
+    from training.trainer import load_data, make_lr_plan  # the very functions train uses
+
+    stages = plan_stages(cfg)
+    if steps_per_epoch is not None:
+        if steps_per_epoch < 1:
+            raise UserError(f"--steps-per-epoch must be >= 1 (got {steps_per_epoch})")
+        plan = make_lr_plan(cfg, stages, steps_per_epoch_override=steps_per_epoch)
+    else:
+        _, train, _ = load_data(cfg)
+        plan = make_lr_plan(cfg, stages, n_train=len(train))
+    print(schedulers.format_plan(plan))
+    print(schedulers.ascii_plot(plan))
+    if out:
+        schedulers.write_csv(plan, out)
+        print(f"wrote {plan.total_steps} rows to {out}")
+    if plot:
+        try:
+            schedulers.plot_png(plan, plot)
+        except RuntimeError as e:
+            raise UserError(str(e)) from None
+        print(f"wrote {plot}")
+    return plan

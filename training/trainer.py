@@ -1,0 +1,490 @@
+"""Two-stage training: ``fit(cfg)`` reads top to bottom; the loop calls small named functions.
+
+    setup (data, model, loss, optimizer, resume) -> print the plan
+    for each stage: for each epoch: set unfreeze level -> train_one_epoch -> validate -> log, save
+    evaluate best_model.pth on the test split (if there is one)
+
+Everything time-dependent (stage, unfreeze level, LR) is computed from the epoch and the step
+inside the stage, so a resume only restores counters, weights, optimizer moments and RNG.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import data as cod_data
+import schedulers
+from errors import UserError
+from evaluation import SegMetrics, resolve_monitor
+from losses import build_loss
+from models import build_model
+from training import checkpoint as ckpt
+from training.config import Config
+from training.ema import ModelEma
+from training.stages import (Stage, batches_per_epoch, plan_stages, stage_of_epoch, steps_per_epoch,
+                             unfreeze_level)
+
+log = logging.getLogger("cod")
+
+# Flags whose change on resume makes the old LR curve meaningless: the schedule restarts instead.
+SCHEDULE_FLAGS = ("scheduler", "lr", "stage2_lr", "min_lr", "warmup_epochs", "epochs", "stage1_epochs",
+                  "t_mult", "restart_epochs", "onecycle_pct_start", "onecycle_div_factor",
+                  "batch_size", "stage2_batch_size", "accumulation_steps", "limit_batches")
+
+
+class TrainingDiverged(UserError):
+    pass
+
+
+@dataclass
+class RunState:
+    """The counters a checkpoint restores; everything else is derived from them."""
+    epoch: int = -1                 # last completed epoch (0-based); -1 = none yet
+    global_step: int = 0            # optimizer updates so far, all stages
+    best_value: Optional[float] = None
+    best_epoch: Optional[int] = None
+    history: list = field(default_factory=list)
+    bad_epochs: int = 0             # epochs without improvement (early stopping)
+    restart_at: Optional[int] = None  # epoch where a plateau-breaking resume restarted the schedule
+
+
+# ---------------------------------------------------------------------------------------------
+# set-up
+# ---------------------------------------------------------------------------------------------
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for CUDA but none is available: use --device cpu")
+    return dev
+
+
+def amp_dtype(mode: str, device: torch.device) -> Optional[torch.dtype]:
+    """None means full fp32. AMP runs only on CUDA; 'auto' prefers bf16 where the GPU has it."""
+    if device.type != "cuda" or mode == "off":
+        return None
+    if mode == "bf16" or (mode == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def load_data(cfg: Config):
+    """Index the dataset and split it. Validation never uses the test set unless asked."""
+    index = cod_data.find_dataset(cfg.dataset_path, include_noncam=cfg.include_noncam, seed=cfg.seed)
+    if cfg.val_on_test:
+        if not index.tests:
+            raise UserError(f"--val-on-test: no test set found under {cfg.dataset_path}")
+        train = index.train
+        val = [s for samples in index.tests.values() for s in samples]
+        val_source = "the TEST split (--val-on-test)"
+    else:
+        train, val = cod_data.split_train_val(index.train, cfg.val_split, cfg.seed)
+        val_source = f"a held-out {cfg.val_split:.0%} of the training images (seed {cfg.seed})"
+    if not train:
+        raise UserError(f"no training images left in {cfg.dataset_path} (lower --val-split)")
+    log.info("Data: %s layout at %s | train %d | val %d from %s | test sets: %s",
+             index.layout, index.root, len(train), len(val), val_source,
+             ", ".join(f"{k} ({len(v)})" for k, v in index.tests.items()) or "none")
+    return index, train, val
+
+
+def make_loader(cfg: Config, samples, batch_size: int, train: bool, seed_offset: int = 0):
+    aug = cod_data.aug_preset(cfg.aug) if train else None
+    ds = cod_data.SegDataset(samples, cfg.img_size, train=train, aug=aug)
+    workers = min(cfg.num_workers, os.cpu_count() or 1)  # more workers than cores only adds overhead
+    return cod_data.build_loader(ds, batch_size=batch_size, shuffle=train, num_workers=workers,
+                                 seed=cfg.seed + seed_offset, drop_last=train and len(samples) >= batch_size)
+
+
+def build_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
+    """Built once with every parameter; frozen ones simply have no gradient yet."""
+    groups = model.param_groups(cfg.weight_decay, cfg.backbone_lr_mult)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
+
+
+def make_lr_plan(cfg: Config, stages: list[Stage], n_train: Optional[int] = None,
+                 steps_per_epoch_override: Optional[int] = None) -> schedulers.LRPlan:
+    """The LR plan of ``stages``. Steps per epoch come from the training-set size and each stage's
+    batch size (``n_train``), or are given directly (``steps_per_epoch_override``, the preview)."""
+    specs = []
+    for s in stages:
+        spe = steps_per_epoch_override or steps_per_epoch(
+            batches_per_epoch(n_train, s.batch_size, cfg.limit_batches), cfg.accumulation_steps)
+        specs.append(dict(name=s.name, start_epoch=s.schedule_start, end_epoch=s.end_epoch,
+                          steps_per_epoch=spe, base_lr=s.base_lr,
+                          warmup_steps=s.warmup_epochs * spe))
+    try:
+        return schedulers.build_plan(cfg.scheduler, specs, min_lr=cfg.min_lr,
+                                     restart_epochs=cfg.restart_epochs, t_mult=cfg.t_mult,
+                                     onecycle_pct_start=cfg.onecycle_pct_start,
+                                     onecycle_div_factor=cfg.onecycle_div_factor)
+    except ValueError as e:
+        raise UserError(f"schedule: {e}") from None
+
+
+def schedule_changed(old: dict, cfg: Config) -> list[str]:
+    new = cfg.to_dict()
+    return [k for k in SCHEDULE_FLAGS if k in old and old[k] != new[k]]
+
+
+# ---------------------------------------------------------------------------------------------
+# resume
+# ---------------------------------------------------------------------------------------------
+
+def resume(cfg: Config, model, optimizer, scaler, ema, state: RunState) -> None:
+    """Restore what ``--resume-from`` holds. When schedule flags changed, ``state.restart_at`` is set
+    to the resume epoch, where a fresh schedule starts (the plateau-breaking restart)."""
+    obj = ckpt.load(cfg.resume_from)
+    ckpt.load_model_weights(model, ckpt.model_state_of(obj), cfg.resume_from)
+    if not ckpt.is_full_checkpoint(obj):
+        log.info("Resume: %s holds weights only; starting a fresh schedule from them", cfg.resume_from)
+        if ema is not None:
+            ema.module.load_state_dict(model.state_dict())
+        return
+    state.epoch = int(obj["epoch"])
+    state.global_step = int(obj["global_step"])
+    state.best_value = obj["best"]["value"]
+    state.best_epoch = obj["best"]["epoch"]
+    state.restart_at = obj.get("restart_at")
+    state.history = [dict(r) for r in obj.get("history", []) if r["epoch"] <= state.epoch + 1]
+    if obj["best"].get("metric") != cfg.monitor:
+        state.best_value, state.best_epoch = None, None  # a different yardstick: start its record anew
+    try:
+        optimizer.load_state_dict(obj["optimizer"])
+    except (ValueError, KeyError):
+        log.warning("Resume: optimizer state does not fit (model changed?); fresh optimizer moments")
+    if scaler is not None and obj.get("scaler"):
+        scaler.load_state_dict(obj["scaler"])
+    if ema is not None:
+        if obj.get("ema"):
+            ema.load_state_dict(obj["ema"])
+        else:
+            ema.module.load_state_dict(model.state_dict())
+    ckpt.set_rng_state(obj.get("rng"))
+    changed = schedule_changed(obj.get("config", {}), cfg)
+    next_epoch = state.epoch + 1
+    log.info("Resume: %s, completed epoch %d (stage %s), best %s %.4f at epoch %s",
+             cfg.resume_from, next_epoch, obj.get("stage"), cfg.monitor,
+             state.best_value if state.best_value is not None else float("nan"),
+             None if state.best_epoch is None else state.best_epoch + 1)
+    if changed:
+        log.info("Resume: schedule flags changed (%s): a fresh schedule starts at epoch %d",
+                 ", ".join(changed), next_epoch + 1)
+        state.restart_at = next_epoch
+    else:
+        log.info("Resume: schedule flags unchanged: continuing the saved schedule")
+
+
+# ---------------------------------------------------------------------------------------------
+# one epoch
+# ---------------------------------------------------------------------------------------------
+
+def train_one_epoch(cfg: Config, model, loss_fn, optimizer, scaler, ema, loader, stage_plan, stage: Stage,
+                    epoch: int, state: RunState, device, dtype) -> dict:
+    model.train()
+    n_batches = min(len(loader), cfg.limit_batches or len(loader))
+    spe = steps_per_epoch(n_batches, cfg.accumulation_steps)
+    assert spe == stage_plan.steps_per_epoch, (spe, stage_plan.steps_per_epoch)  # one clock for both
+    k0 = (epoch - stage.schedule_start) * spe
+    sums: dict[str, torch.Tensor] = {}
+    usage = None
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+    bar = tqdm(total=n_batches, desc=f"Epoch {epoch + 1}/{cfg.epochs} {stage.name}", leave=False,
+               disable=not cfg.progress, dynamic_ncols=True, mininterval=1.0)
+    optimizer.zero_grad(set_to_none=True)
+    for i, batch in enumerate(loader):
+        if i >= n_batches:
+            break
+        group = i // cfg.accumulation_steps
+        group_size = min(cfg.accumulation_steps, n_batches - group * cfg.accumulation_steps)
+        if i % cfg.accumulation_steps == 0:
+            head_lr = stage_plan.lr_at(k0 + group)
+            schedulers.apply_lr(optimizer, head_lr)
+        image = batch["image"].to(device, non_blocking=True)
+        mask = batch["mask"].to(device, non_blocking=True)
+        with autocast:
+            outputs = model(image)
+            loss, terms = loss_fn(outputs, mask)
+        (scaler.scale(loss / group_size) if scaler else loss / group_size).backward()
+        if (i + 1) % cfg.accumulation_steps == 0 or i + 1 == n_batches:
+            optimizer_step(cfg, model, optimizer, scaler)
+            if ema is not None:
+                ema.update(model)
+            state.global_step += 1
+        for name, value in {"loss": loss.detach(), **terms}.items():
+            sums[name] = sums.get(name, 0.0) + value.float()
+        u = outputs.get("expert_usage")
+        if u is not None and u.numel() > 0:
+            usage = u.float() if usage is None else usage + u.float()
+        bar.update(1)
+        if cfg.progress and (i % 20 == 0 or i + 1 == n_batches):  # the only host syncs in the loop
+            bar.set_postfix(loss=f"{sums['loss'].item() / (i + 1):.4f}", lr=f"{head_lr:.2e}")
+    bar.close()
+    out = {"lr": head_lr, **{f"train_{k}": (v / n_batches).item() for k, v in sums.items()}}
+    if usage is not None:
+        for e, frac in enumerate((usage / n_batches).tolist()):
+            out[f"expert{e}_usage"] = frac
+    if not math.isfinite(out["train_loss"]):
+        raise TrainingDiverged(
+            f"training loss became {out['train_loss']} in epoch {epoch + 1}; last.pth keeps the last "
+            "good epoch: resume from it with a lower --lr/--stage2-lr or more --warmup-epochs")
+    return out
+
+
+def optimizer_step(cfg: Config, model, optimizer, scaler) -> None:
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if cfg.grad_clip > 0:
+        params = [p for p in model.parameters() if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def evaluate_model(cfg: Config, model, loss_fn, loader, device, dtype, desc: str = "val") -> dict:
+    """Loss at the training size; metrics per image at the ground truth's own resolution."""
+    model.eval()
+    metrics = SegMetrics(threshold=cfg.threshold)
+    n_batches = min(len(loader), cfg.limit_batches or len(loader))
+    loss_sum, seen = 0.0, 0
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+    for i, batch in enumerate(tqdm(loader, total=n_batches, desc=desc, leave=False,
+                                   disable=not cfg.progress, dynamic_ncols=True, mininterval=1.0)):
+        if i >= n_batches:
+            break
+        image = batch["image"].to(device)
+        mask = batch["mask"].to(device)
+        with autocast:
+            outputs = model(image)
+            loss, _ = loss_fn(outputs, mask)
+        loss_sum += loss.float().item() * image.shape[0]
+        seen += image.shape[0]
+        probs = torch.sigmoid(outputs["main"].float()).cpu().numpy()[:, 0]
+        for prob, mask_path in zip(probs, batch["mask_path"]):
+            metrics.step(prob, cod_data.load_mask(mask_path))
+    return {"loss": loss_sum / max(seen, 1), **metrics.results()}
+
+
+# ---------------------------------------------------------------------------------------------
+# logging and saving
+# ---------------------------------------------------------------------------------------------
+
+def format_epoch_line(row: dict, cfg: Config) -> str:
+    return (f"Epoch {row['epoch']}/{cfg.epochs} [{row['stage']}]: Loss: {row['train_loss']:.4f} | "
+            f"IoU: {row['val_iou']:.4f} | Dice: {row['val_dice']:.4f} | Sm: {row['val_sm']:.4f} | "
+            f"Val loss: {row['val_loss']:.4f} | LR: {format_lr(row['lr'])}")
+
+
+def format_lr(lr: float) -> str:
+    """The users' fixed-point format, switching to exponent form where it would print 0.000000."""
+    return f"{lr:.6f}" if lr >= 1e-5 or lr == 0 else f"{lr:.2e}"
+
+
+def write_metrics_csv(history: list, path: str) -> None:
+    """Rewritten whole from the history each epoch (atomically), so a resume never duplicates rows."""
+    columns: list[str] = []
+    for row in history:
+        columns += [k for k in row if k not in columns]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(",".join(columns) + "\n")
+        for row in history:
+            f.write(",".join(_fmt(row.get(c, "")) for c in columns) + "\n")
+    os.replace(tmp, path)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def checkpoint_state(cfg, model, optimizer, scaler, ema, state: RunState, stage: Stage, level: int) -> dict:
+    return {
+        "format_version": ckpt.FORMAT_VERSION,
+        "model": ckpt.unwrap(model).state_dict(),
+        "ema": ema.state_dict() if ema is not None else None,
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "epoch": state.epoch,
+        "stage": stage.index + 1,
+        "global_step": state.global_step,
+        "unfreeze_level": level,
+        "best": {"metric": cfg.monitor, "value": state.best_value, "epoch": state.best_epoch},
+        "history": state.history,
+        "restart_at": state.restart_at,
+        "rng": ckpt.rng_state(),
+        "config": cfg.to_dict(),
+    }
+
+
+def is_improvement(value: float, best: Optional[float], higher_is_better: bool) -> bool:
+    if not math.isfinite(value):
+        return False
+    if best is None:
+        return True
+    return value > best if higher_is_better else value < best
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------------
+
+def fit(cfg: Config) -> dict:
+    os.makedirs(cfg.checkpoint_dir, exist_ok=True)
+    setup_file_logging(cfg.checkpoint_dir)
+    with open(os.path.join(cfg.checkpoint_dir, "config.json"), "w") as f:
+        json.dump(cfg.to_dict(), f, indent=2)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    dtype = amp_dtype(cfg.amp, device)
+    monitor_key, higher_is_better = resolve_monitor(cfg.monitor)
+    log.info("Device: %s | AMP: %s | seed %d", device, dtype or "off (fp32)", cfg.seed)
+
+    index, train_samples, val_samples = load_data(cfg)
+    model = build_model(backbone=cfg.backbone, num_experts=cfg.num_experts, moe_top_k=cfg.moe_top_k,
+                        deep_supervision=cfg.deep_supervision, pretrained=cfg.pretrained,
+                        pretrained_path=cfg.pretrained_path, drop_path=cfg.drop_path,
+                        dropout=cfg.dropout, decoder_channels=cfg.decoder_channels).to(device)
+    loss_fn = build_loss(bce_weight=cfg.bce_weight, iou_weight=cfg.iou_weight, dice_weight=cfg.dice_weight,
+                         moe_aux_weight=cfg.moe_aux_weight, ds_weights=cfg.ds_weights,
+                         label_smoothing=cfg.label_smoothing)
+    counts = model.param_counts()
+    log.info("Model: %s, %d experts (top-%d), deep supervision %s | params: %s", cfg.backbone,
+             cfg.num_experts, cfg.moe_top_k, "on" if cfg.deep_supervision else "off",
+             ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()))
+    log.info("Regularisation: weight decay %g (not on norms/biases) | drop-path %g | dropout %g | "
+             "label smoothing %g | grad clip %g", cfg.weight_decay, cfg.drop_path, cfg.dropout,
+             cfg.label_smoothing, cfg.grad_clip)
+    optimizer = build_optimizer(cfg, model)
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    ema = ModelEma(model, cfg.ema_decay) if cfg.ema else None
+
+    state = RunState()
+    if cfg.resume_from:
+        resume(cfg, model, optimizer, scaler, ema, state)
+    start_epoch = state.epoch + 1
+    if cfg.skip_stage1 and start_epoch < cfg.stage1_epochs:
+        log.info("--skip-stage1: starting stage 2 at epoch %d from %s", cfg.stage1_epochs + 1,
+                 "the resumed weights" if cfg.resume_from else "the initial (%s) weights"
+                 % ("pretrained" if cfg.pretrained else "random"))
+        start_epoch = cfg.stage1_epochs
+        state.restart_at = None  # stage 2 starts its own fresh schedule anyway
+    if start_epoch >= cfg.epochs:
+        log.info("Nothing to train: epoch %d already reached --epochs %d (raise --epochs to go on)",
+                 start_epoch, cfg.epochs)
+        return {"best_value": state.best_value, "best_epoch": state.best_epoch, "history": state.history}
+
+    stages = plan_stages(cfg, restart_at=state.restart_at)
+    plan = make_lr_plan(cfg, stages, n_train=len(train_samples))
+    log.info("%s\n%s", schedulers.format_plan(plan), schedulers.ascii_plot(plan))
+
+    ckpt_dir = cfg.checkpoint_dir
+    stop = False
+    for stage, stage_plan in zip(stages, plan.stages):
+        if stage.end_epoch <= start_epoch or stop:
+            continue
+        train_loader = make_loader(cfg, train_samples, stage.batch_size, train=True, seed_offset=stage.index)
+        val_loader = make_loader(cfg, val_samples, stage.batch_size, train=False) if val_samples else None
+        restarts = set(stage_plan.restart_epochs())
+        state.bad_epochs = 0  # patience restarts with each stage ...
+        for epoch in range(max(stage.start_epoch, start_epoch), stage.end_epoch):
+            if epoch in restarts:
+                state.bad_epochs = 0  # ... and with each LR restart, so a restart dip cannot stop a run
+            level = unfreeze_level(cfg, epoch, model.num_backbone_stages)
+            model.set_backbone_trainable(level)
+            if hasattr(train_loader.sampler, "set_epoch"):
+                train_loader.sampler.set_epoch(epoch)
+            t0 = time.time()
+            train_stats = train_one_epoch(cfg, model, loss_fn, optimizer, scaler, ema, train_loader,
+                                          stage_plan, stage, epoch, state, device, dtype)
+            eval_model = ema.module if ema is not None else model
+            val_stats = (evaluate_model(cfg, eval_model, loss_fn, val_loader, device, dtype)
+                         if val_loader is not None else {})
+            state.epoch = epoch
+            row = {"epoch": epoch + 1, "stage": stage.index + 1, "unfreeze_level": level, **train_stats, **{f"val_{k}": v for k, v in val_stats.items()},
+                   "time_s": round(time.time() - t0, 2)}
+            state.history.append(row)
+            value = val_stats.get(monitor_key, -train_stats["train_loss"])
+            improved = is_improvement(value, state.best_value, higher_is_better or not val_stats)
+            if improved:
+                state.best_value, state.best_epoch, state.bad_epochs = value, epoch, 0
+            else:
+                state.bad_epochs += 1
+            log.info("%s%s", format_epoch_line(row, cfg) if val_stats else
+                     f"Epoch {epoch + 1}/{cfg.epochs}: Loss: {row['train_loss']:.4f} | LR: {format_lr(row['lr'])}",
+                     "  * best" if improved else "")
+            full = checkpoint_state(cfg, model, optimizer, scaler, ema, state, stage, level)
+            ckpt.save(full, os.path.join(ckpt_dir, "last.pth"))
+            if improved:
+                ckpt.save(full, os.path.join(ckpt_dir, "best_model.pth"))
+            write_metrics_csv(state.history, os.path.join(ckpt_dir, "metrics.csv"))
+            if cfg.early_stop_patience and state.bad_epochs >= cfg.early_stop_patience:
+                log.info("Early stop: %d epochs without a better %s", state.bad_epochs, cfg.monitor)
+                stop = True
+                break
+
+    log.info("Done. Best %s %.4f at epoch %s -> %s", cfg.monitor,
+             state.best_value if state.best_value is not None else float("nan"),
+             None if state.best_epoch is None else state.best_epoch + 1,
+             os.path.join(ckpt_dir, "best_model.pth"))
+    test_results = evaluate_test_sets(cfg, index, model, ema, loss_fn, device, dtype)
+    return {"best_value": state.best_value, "best_epoch": state.best_epoch, "history": state.history,
+            "test": test_results}
+
+
+def evaluate_test_sets(cfg: Config, index, model, ema, loss_fn, device, dtype) -> dict:
+    """Score best_model.pth on every test set, kept apart from validation in test_metrics.json."""
+    best_path = os.path.join(cfg.checkpoint_dir, "best_model.pth")
+    if not index.tests or cfg.val_on_test or not os.path.isfile(best_path):
+        return {}
+    best = ckpt.load(best_path)
+    weights = best["ema"]["module"] if best.get("ema") else best["model"]
+    ckpt.load_model_weights(model, weights, best_path)
+    results = {}
+    for name, samples in index.tests.items():
+        loader = make_loader(cfg, samples, cfg.stage2_batch_size_value, train=False)
+        results[name] = evaluate_model(cfg, model, loss_fn, loader, device, dtype, desc=f"test {name}")
+    from evaluation import format_table
+    log.info("Test split (best_model.pth, epoch %d):\n%s", best["epoch"] + 1, format_table(results))
+    with open(os.path.join(cfg.checkpoint_dir, "test_metrics.json"), "w") as f:
+        json.dump({"checkpoint": best_path, "epoch": best["epoch"] + 1, "results": results}, f, indent=2)
+    return results
+
+
+def setup_file_logging(folder: str) -> None:
+    path = os.path.join(folder, "train.log")
+    root = logging.getLogger("cod")
+    if not any(isinstance(h, logging.FileHandler) and h.baseFilename == os.path.abspath(path)
+               for h in root.handlers):
+        fh = logging.FileHandler(path)
+        fh.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        root.addHandler(fh)
