@@ -16,6 +16,7 @@ import logging
 import sys
 
 from errors import UserError
+from training.control import RunInterrupted
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,13 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
         if args.command == "train":
             from training.config import config_from_args
             from training.trainer import fit
 
-            fit(config_from_args(args))
+            fit(config_from_args(args), argv=argv)
         elif args.command == "schedule":
             from training.config import config_from_args
             from training.preview import preview_schedule
@@ -57,6 +59,9 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunInterrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted: last.pth holds the last completed epoch", file=sys.stderr)
         return 130

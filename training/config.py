@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -19,6 +20,17 @@ SCHEDULERS = ("onecycle", "cosine", "cosine_restart", "none")
 AMP_MODES = ("auto", "off", "fp16", "bf16")
 AUG_PRESETS = ("none", "light", "moderate", "strong")
 MONITOR_CHOICES = ("iou", "dice", "sm", "wfm", "em", "mae", "loss")
+RESUME_SCHEDULES = ("auto", "continue", "restart")
+
+
+def parse_duration(text: str) -> float:
+    """'8h30m', '45m', '90s', '1.5h', '1h2m3s' -> seconds. A bare number is refused (which unit?)."""
+    m = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?\s*",
+                     str(text))
+    if not m or not any(m.groups()) or not str(text).strip():
+        raise UserError(f"--time-limit {text!r}: write a duration with units, e.g. 8h30m, 45m or 90s")
+    h, mi, s = (float(g) if g else 0.0 for g in m.groups())
+    return h * 3600 + mi * 60 + s
 
 
 @dataclass
@@ -78,7 +90,12 @@ class Config:
     monitor: str = "iou"
     early_stop_patience: Optional[int] = None
     resume_from: Optional[str] = None
+    resume_schedule: str = "auto"
     skip_stage1: bool = False
+    save_every: Optional[int] = None
+    keep_last: Optional[int] = None
+    run_epochs: Optional[int] = None
+    time_limit: Optional[str] = None
     device: str = "auto"
     seed: int = 42
     threshold: float = 0.5
@@ -96,6 +113,10 @@ class Config:
     @property
     def stage2_epochs(self) -> int:
         return self.epochs - self.stage1_epochs
+
+    @property
+    def time_limit_s(self) -> Optional[float]:
+        return None if self.time_limit is None else parse_duration(self.time_limit)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -158,6 +179,13 @@ class Config:
         need(self.early_stop_patience is None or self.early_stop_patience >= 1,
              f"--early-stop-patience must be >= 1 (got {self.early_stop_patience})")
         need(0.0 < self.threshold < 1.0, f"--threshold must be in (0, 1) (got {self.threshold})")
+        need(self.resume_schedule in RESUME_SCHEDULES,
+             f"--resume-schedule must be one of {', '.join(RESUME_SCHEDULES)}")
+        for flag, value in (("--save-every", self.save_every), ("--keep-last", self.keep_last),
+                            ("--run-epochs", self.run_epochs)):
+            need(value is None or value >= 1, f"{flag} must be >= 1 (got {value})")
+        if self.time_limit is not None:
+            self.time_limit_s  # raises a UserError naming --time-limit when malformed
         for flag, path in (("--resume-from", self.resume_from), ("--pretrained-path", self.pretrained_path)):
             need(path is None or os.path.isfile(path), f"{flag}: no such file: {path}")
         if self.pretrained_path is not None:
@@ -254,7 +282,18 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--early-stop-patience", type=int, default=None,
                    help="stop after N epochs without improvement (off by default)")
     g.add_argument("--resume-from", default=None, help="checkpoint to resume from (last.pth or best_model.pth)")
+    g.add_argument("--resume-schedule", choices=RESUME_SCHEDULES, default=d.resume_schedule,
+                   help="on resume: continue the saved LR schedule, or restart a fresh one from the "
+                        "resume epoch (auto: restart exactly when schedule flags changed)")
     _bool_flag(g, "--skip-stage1", "go straight to stage 2")
+    g.add_argument("--save-every", type=int, default=None,
+                   help="also keep a copy of the checkpoint every N epochs (epoch_NNNN.pth)")
+    g.add_argument("--keep-last", type=int, default=None,
+                   help="keep only the K newest periodic copies (default: all)")
+    g.add_argument("--run-epochs", type=int, default=None,
+                   help="train at most N epochs in this invocation, then save and print how to go on")
+    g.add_argument("--time-limit", default=None,
+                   help="stop cleanly after the last epoch that fits in this wall time, e.g. 8h30m")
     g.add_argument("--device", default=d.device, help="auto (cuda if present, else cpu), cpu, cuda, cuda:N")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--threshold", type=float, default=d.threshold, help="binarisation threshold for IoU/Dice")

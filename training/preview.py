@@ -22,7 +22,19 @@ def preview_schedule(cfg: Config, steps_per_epoch: Optional[int] = None, out: Op
     """
     from training.trainer import load_data, make_lr_plan  # the very functions train uses
 
-    stages = plan_stages(cfg)
+    restart_at = None
+    if cfg.resume_from:  # what a resume would do: the same decision train makes
+        from training.resume import decide_schedule, peek
+
+        info = peek(cfg.resume_from)
+        if info["full"]:
+            restart_at, why = decide_schedule(cfg, info["config"], info["next_epoch"], info["restart_at"])
+            if cfg.skip_stage1 and info["next_epoch"] < cfg.stage1_epochs:
+                restart_at, why = None, "--skip-stage1: stage 2 starts with its own schedule"
+            print(f"Resume from {cfg.resume_from} at epoch {info['next_epoch'] + 1}: {why}")
+        else:
+            print(f"Resume from {cfg.resume_from}: weights only, so the schedule starts fresh")
+    stages = plan_stages(cfg, restart_at=restart_at)
     if steps_per_epoch is not None:
         if steps_per_epoch < 1:
             raise UserError(f"--steps-per-epoch must be >= 1 (got {steps_per_epoch})")

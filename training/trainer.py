@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import random
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -32,17 +33,13 @@ from losses import build_loss
 from models import build_model
 from training import checkpoint as ckpt
 from training.config import Config
+from training.control import RunInterrupted, StopRequest, TimeBudget, continue_command
 from training.ema import ModelEma
+from training.resume import archive_abandoned_history, decide_schedule
 from training.stages import (Stage, batches_per_epoch, plan_stages, stage_of_epoch, steps_per_epoch,
                              unfreeze_level)
 
 log = logging.getLogger("cod")
-
-# Flags whose change on resume makes the old LR curve meaningless: the schedule restarts instead.
-SCHEDULE_FLAGS = ("scheduler", "lr", "stage2_lr", "min_lr", "warmup_epochs", "epochs", "stage1_epochs",
-                  "t_mult", "restart_epochs", "onecycle_pct_start", "onecycle_div_factor",
-                  "batch_size", "stage2_batch_size", "accumulation_steps", "limit_batches")
-
 
 class TrainingDiverged(UserError):
     pass
@@ -58,6 +55,7 @@ class RunState:
     history: list = field(default_factory=list)
     bad_epochs: int = 0             # epochs without improvement (early stopping)
     restart_at: Optional[int] = None  # epoch where a plateau-breaking resume restarted the schedule
+    partial: Optional[dict] = None    # an epoch cut short by a signal: how far it got
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,95 +143,64 @@ def make_lr_plan(cfg: Config, stages: list[Stage], n_train: Optional[int] = None
         raise UserError(f"schedule: {e}") from None
 
 
-def schedule_changed(old: dict, cfg: Config) -> list[str]:
-    new = cfg.to_dict()
-    return [k for k in SCHEDULE_FLAGS if k in old and old[k] != new[k]]
-
-
-# ---------------------------------------------------------------------------------------------
-# resume
-# ---------------------------------------------------------------------------------------------
-
-def resume(cfg: Config, model, optimizer, scaler, ema, state: RunState) -> None:
-    """Restore what ``--resume-from`` holds. When schedule flags changed, ``state.restart_at`` is set
-    to the resume epoch, where a fresh schedule starts (the plateau-breaking restart)."""
-    obj = ckpt.load(cfg.resume_from)
-    ckpt.load_model_weights(model, ckpt.model_state_of(obj), cfg.resume_from)
-    if not ckpt.is_full_checkpoint(obj):
-        log.info("Resume: %s holds weights only; starting a fresh schedule from them", cfg.resume_from)
-        if ema is not None:
-            ema.module.load_state_dict(model.state_dict())
-        return
-    state.epoch = int(obj["epoch"])
-    state.global_step = int(obj["global_step"])
-    state.best_value = obj["best"]["value"]
-    state.best_epoch = obj["best"]["epoch"]
-    state.restart_at = obj.get("restart_at")
-    state.history = [dict(r) for r in obj.get("history", []) if r["epoch"] <= state.epoch + 1]
-    if obj["best"].get("metric") != cfg.monitor:
-        state.best_value, state.best_epoch = None, None  # a different yardstick: start its record anew
-    try:
-        optimizer.load_state_dict(obj["optimizer"])
-    except (ValueError, KeyError):
-        log.warning("Resume: optimizer state does not fit (model changed?); fresh optimizer moments")
-    if scaler is not None and obj.get("scaler"):
-        scaler.load_state_dict(obj["scaler"])
-    if ema is not None:
-        if obj.get("ema"):
-            ema.load_state_dict(obj["ema"])
-        else:
-            ema.module.load_state_dict(model.state_dict())
-    ckpt.set_rng_state(obj.get("rng"))
-    changed = schedule_changed(obj.get("config", {}), cfg)
-    next_epoch = state.epoch + 1
-    log.info("Resume: %s, completed epoch %d (stage %s), best %s %.4f at epoch %s",
-             cfg.resume_from, next_epoch, obj.get("stage"), cfg.monitor,
-             state.best_value if state.best_value is not None else float("nan"),
-             None if state.best_epoch is None else state.best_epoch + 1)
-    if changed:
-        log.info("Resume: schedule flags changed (%s): a fresh schedule starts at epoch %d",
-                 ", ".join(changed), next_epoch + 1)
-        state.restart_at = next_epoch
-    else:
-        log.info("Resume: schedule flags unchanged: continuing the saved schedule")
-
-
 # ---------------------------------------------------------------------------------------------
 # one epoch
 # ---------------------------------------------------------------------------------------------
 
-def train_one_epoch(cfg: Config, model, loss_fn, optimizer, scaler, ema, loader, stage_plan, stage: Stage,
-                    epoch: int, state: RunState, device, dtype) -> dict:
+@dataclass
+class Run:
+    """What one training run holds; the loop's functions take this instead of a dozen arguments."""
+    cfg: Config
+    model: torch.nn.Module
+    loss_fn: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: Optional[torch.amp.GradScaler]
+    ema: Optional[ModelEma]
+    device: torch.device
+    dtype: Optional[torch.dtype]
+    state: RunState
+    stop: StopRequest
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None else nullcontext()
+
+
+def train_one_epoch(run: Run, loader, stage_plan, stage: Stage, epoch: int,
+                    partial: Optional[dict] = None) -> tuple[dict, Optional[dict]]:
+    """Train one epoch. Returns (stats, None), or (None, partial) when a stop was requested: then
+    ``partial`` holds how far the epoch got, to be saved and finished by a resume.
+
+    A resumed ``partial`` epoch replays the data order from the start, loading but not training the
+    batches that were done, so the rest of the epoch sees exactly the batches it would have."""
+    cfg, model, optimizer = run.cfg, run.model, run.optimizer
     model.train()
     n_batches = min(len(loader), cfg.limit_batches or len(loader))
     spe = steps_per_epoch(n_batches, cfg.accumulation_steps)
     assert spe == stage_plan.steps_per_epoch, (spe, stage_plan.steps_per_epoch)  # one clock for both
     k0 = (epoch - stage.schedule_start) * spe
-    sums: dict[str, torch.Tensor] = {}
-    usage = None
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-    bar = tqdm(total=n_batches, desc=f"Epoch {epoch + 1}/{cfg.epochs} {stage.name}", leave=False,
-               disable=not cfg.progress, dynamic_ncols=True, mininterval=1.0)
+    done = partial["batches"] if partial else 0
+    sums = {k: torch.tensor(v) for k, v in partial["sums"].items()} if partial else {}
+    usage = torch.tensor(partial["usage"]) if partial and partial.get("usage") is not None else None
+    head_lr = stage_plan.lr_at(k0 + done // cfg.accumulation_steps)
+    bar = tqdm(total=n_batches, initial=done, desc=f"Epoch {epoch + 1}/{cfg.epochs} {stage.name}",
+               leave=False, disable=not cfg.progress, dynamic_ncols=True, mininterval=1.0)
     optimizer.zero_grad(set_to_none=True)
     for i, batch in enumerate(loader):
         if i >= n_batches:
             break
+        if i < done:
+            continue
         group = i // cfg.accumulation_steps
         group_size = min(cfg.accumulation_steps, n_batches - group * cfg.accumulation_steps)
         if i % cfg.accumulation_steps == 0:
             head_lr = stage_plan.lr_at(k0 + group)
             schedulers.apply_lr(optimizer, head_lr)
-        image = batch["image"].to(device, non_blocking=True)
-        mask = batch["mask"].to(device, non_blocking=True)
-        with autocast:
+        image = batch["image"].to(run.device, non_blocking=True)
+        mask = batch["mask"].to(run.device, non_blocking=True)
+        with run.autocast():
             outputs = model(image)
-            loss, terms = loss_fn(outputs, mask)
-        (scaler.scale(loss / group_size) if scaler else loss / group_size).backward()
-        if (i + 1) % cfg.accumulation_steps == 0 or i + 1 == n_batches:
-            optimizer_step(cfg, model, optimizer, scaler)
-            if ema is not None:
-                ema.update(model)
-            state.global_step += 1
+            loss, terms = run.loss_fn(outputs, mask)
+        (run.scaler.scale(loss / group_size) if run.scaler else loss / group_size).backward()
         for name, value in {"loss": loss.detach(), **terms}.items():
             sums[name] = sums.get(name, 0.0) + value.float()
         u = outputs.get("expert_usage")
@@ -242,6 +209,16 @@ def train_one_epoch(cfg: Config, model, loss_fn, optimizer, scaler, ema, loader,
         bar.update(1)
         if cfg.progress and (i % 20 == 0 or i + 1 == n_batches):  # the only host syncs in the loop
             bar.set_postfix(loss=f"{sums['loss'].item() / (i + 1):.4f}", lr=f"{head_lr:.2e}")
+        if (i + 1) % cfg.accumulation_steps == 0 or i + 1 == n_batches:
+            optimizer_step(cfg, model, optimizer, run.scaler)
+            if run.ema is not None:
+                run.ema.update(model)
+            run.state.global_step += 1
+            if run.stop.requested and i + 1 < n_batches:
+                bar.close()
+                return None, {"epoch": epoch, "batches": i + 1,
+                              "sums": {k: float(v) for k, v in sums.items()},
+                              "usage": None if usage is None else usage.tolist()}
     bar.close()
     out = {"lr": head_lr, **{f"train_{k}": (v / n_batches).item() for k, v in sums.items()}}
     if usage is not None:
@@ -251,7 +228,7 @@ def train_one_epoch(cfg: Config, model, loss_fn, optimizer, scaler, ema, loader,
         raise TrainingDiverged(
             f"training loss became {out['train_loss']} in epoch {epoch + 1}; last.pth keeps the last "
             "good epoch: resume from it with a lower --lr/--stage2-lr or more --warmup-epochs")
-    return out
+    return out, None
 
 
 def optimizer_step(cfg: Config, model, optimizer, scaler) -> None:
@@ -327,23 +304,38 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def checkpoint_state(cfg, model, optimizer, scaler, ema, state: RunState, stage: Stage, level: int) -> dict:
+def checkpoint_state(run: "Run", stage: Stage, level: int) -> dict:
+    state, ema = run.state, run.ema
     return {
         "format_version": ckpt.FORMAT_VERSION,
-        "model": ckpt.unwrap(model).state_dict(),
+        "model": ckpt.unwrap(run.model).state_dict(),
         "ema": ema.state_dict() if ema is not None else None,
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
         "epoch": state.epoch,
         "stage": stage.index + 1,
         "global_step": state.global_step,
         "unfreeze_level": level,
-        "best": {"metric": cfg.monitor, "value": state.best_value, "epoch": state.best_epoch},
+        "best": {"metric": run.cfg.monitor, "value": state.best_value, "epoch": state.best_epoch},
+        "bad_epochs": state.bad_epochs,
         "history": state.history,
         "restart_at": state.restart_at,
+        "partial": state.partial,
         "rng": ckpt.rng_state(),
-        "config": cfg.to_dict(),
+        "config": run.cfg.to_dict(),
     }
+
+
+def save_periodic_copy(cfg: Config, full: dict, epoch: int) -> None:
+    """``--save-every N``: epoch_NNNN.pth every N epochs, the newest ``--keep-last K`` kept."""
+    if not cfg.save_every or (epoch + 1) % cfg.save_every:
+        return
+    ckpt.save(full, os.path.join(cfg.checkpoint_dir, f"epoch_{epoch + 1:04d}.pth"))
+    if cfg.keep_last:
+        copies = sorted(f for f in os.listdir(cfg.checkpoint_dir)
+                        if f.startswith("epoch_") and f.endswith(".pth"))
+        for old in copies[:-cfg.keep_last]:
+            os.remove(os.path.join(cfg.checkpoint_dir, old))
 
 
 def is_improvement(value: float, best: Optional[float], higher_is_better: bool) -> bool:
@@ -358,7 +350,53 @@ def is_improvement(value: float, best: Optional[float], higher_is_better: bool) 
 # the run
 # ---------------------------------------------------------------------------------------------
 
-def fit(cfg: Config) -> dict:
+def resume_run(run: Run) -> None:
+    """Restore what ``--resume-from`` holds into ``run`` and decide the schedule (see resume.py)."""
+    cfg, state = run.cfg, run.state
+    obj = ckpt.load(cfg.resume_from)
+    ckpt.load_model_weights(run.model, ckpt.model_state_of(obj), cfg.resume_from)
+    if not ckpt.is_full_checkpoint(obj):
+        log.info("Resume: %s holds weights only: training starts from them with a fresh schedule",
+                 cfg.resume_from)
+        if run.ema is not None:
+            run.ema.module.load_state_dict(ckpt.unwrap(run.model).state_dict())
+        return
+    state.epoch = int(obj["epoch"])
+    state.global_step = int(obj["global_step"])
+    state.history = [dict(r) for r in obj.get("history", []) if r["epoch"] <= state.epoch + 1]
+    state.partial = obj.get("partial")
+    if obj["best"].get("metric") == cfg.monitor:
+        state.best_value, state.best_epoch = obj["best"]["value"], obj["best"]["epoch"]
+        state.bad_epochs = int(obj.get("bad_epochs", 0))
+    else:
+        log.info("Resume: --monitor changed from %s to %s: the best-model record starts anew",
+                 obj["best"].get("metric"), cfg.monitor)
+    try:
+        run.optimizer.load_state_dict(obj["optimizer"])
+    except (ValueError, KeyError):
+        log.info("Resume: the optimizer state does not fit this model: fresh optimizer moments")
+    if run.scaler is not None and obj.get("scaler"):
+        run.scaler.load_state_dict(obj["scaler"])
+    if run.ema is not None:
+        if obj.get("ema"):
+            run.ema.load_state_dict(obj["ema"])
+        else:
+            run.ema.module.load_state_dict(ckpt.unwrap(run.model).state_dict())
+    ckpt.set_rng_state(obj.get("rng"))
+    next_epoch = state.partial["epoch"] if state.partial else state.epoch + 1
+    state.restart_at, why = decide_schedule(cfg, obj.get("config", {}), next_epoch, obj.get("restart_at"))
+    if state.partial and state.restart_at == next_epoch:
+        state.partial = None  # a fresh schedule starts at an epoch boundary: redo the cut-short epoch
+    log.info("Resume: %s after epoch %d%s (stage %s); best %s so far: %s; %s", cfg.resume_from,
+             state.epoch + 1, f" + {state.partial['batches']} batches" if state.partial else "",
+             obj.get("stage"), cfg.monitor,
+             "none" if state.best_value is None else f"{state.best_value:.4f} at epoch {state.best_epoch + 1}",
+             why)
+    archive_abandoned_history(os.path.join(cfg.checkpoint_dir, "metrics.csv"), state.epoch + 1)
+
+
+def fit(cfg: Config, argv: Optional[list] = None) -> dict:
+    """Train; ``argv`` (the command line) is only used to print the exact command that goes on."""
     os.makedirs(cfg.checkpoint_dir, exist_ok=True)
     setup_file_logging(cfg.checkpoint_dir)
     with open(os.path.join(cfg.checkpoint_dir, "config.json"), "w") as f:
@@ -377,27 +415,21 @@ def fit(cfg: Config) -> dict:
     loss_fn = build_loss(bce_weight=cfg.bce_weight, iou_weight=cfg.iou_weight, dice_weight=cfg.dice_weight,
                          moe_aux_weight=cfg.moe_aux_weight, ds_weights=cfg.ds_weights,
                          label_smoothing=cfg.label_smoothing)
-    counts = model.param_counts()
-    log.info("Model: %s, %d experts (top-%d), deep supervision %s | params: %s", cfg.backbone,
-             cfg.num_experts, cfg.moe_top_k, "on" if cfg.deep_supervision else "off",
-             ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()))
-    log.info("Regularisation: weight decay %g (not on norms/biases) | drop-path %g | dropout %g | "
-             "label smoothing %g | grad clip %g", cfg.weight_decay, cfg.drop_path, cfg.dropout,
-             cfg.label_smoothing, cfg.grad_clip)
+    log_model_summary(cfg, model)
     optimizer = build_optimizer(cfg, model)
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    ema = ModelEma(model, cfg.ema_decay) if cfg.ema else None
-
-    state = RunState()
+    run = Run(cfg, model, loss_fn, optimizer,
+              scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 else None,
+              ema=ModelEma(model, cfg.ema_decay) if cfg.ema else None,
+              device=device, dtype=dtype, state=RunState(), stop=StopRequest())
+    state = run.state
     if cfg.resume_from:
-        resume(cfg, model, optimizer, scaler, ema, state)
-    start_epoch = state.epoch + 1
+        resume_run(run)
+    start_epoch = state.partial["epoch"] if state.partial else state.epoch + 1
     if cfg.skip_stage1 and start_epoch < cfg.stage1_epochs:
-        log.info("--skip-stage1: starting stage 2 at epoch %d from %s", cfg.stage1_epochs + 1,
-                 "the resumed weights" if cfg.resume_from else "the initial (%s) weights"
-                 % ("pretrained" if cfg.pretrained else "random"))
-        start_epoch = cfg.stage1_epochs
-        state.restart_at = None  # stage 2 starts its own fresh schedule anyway
+        log.info("--skip-stage1: stage 2 starts at epoch %d from %s", cfg.stage1_epochs + 1,
+                 "the resumed weights" if cfg.resume_from else
+                 "the initial (%s) weights" % ("pretrained" if cfg.pretrained else "random"))
+        start_epoch, state.partial, state.restart_at = cfg.stage1_epochs, None, None
     if start_epoch >= cfg.epochs:
         log.info("Nothing to train: epoch %d already reached --epochs %d (raise --epochs to go on)",
                  start_epoch, cfg.epochs)
@@ -407,58 +439,111 @@ def fit(cfg: Config) -> dict:
     plan = make_lr_plan(cfg, stages, n_train=len(train_samples))
     log.info("%s\n%s", schedulers.format_plan(plan), schedulers.ascii_plot(plan))
 
-    ckpt_dir = cfg.checkpoint_dir
-    stop = False
-    for stage, stage_plan in zip(stages, plan.stages):
-        if stage.end_epoch <= start_epoch or stop:
-            continue
-        train_loader = make_loader(cfg, train_samples, stage.batch_size, train=True, seed_offset=stage.index)
-        val_loader = make_loader(cfg, val_samples, stage.batch_size, train=False) if val_samples else None
-        restarts = set(stage_plan.restart_epochs())
-        state.bad_epochs = 0  # patience restarts with each stage ...
-        for epoch in range(max(stage.start_epoch, start_epoch), stage.end_epoch):
-            if epoch in restarts:
-                state.bad_epochs = 0  # ... and with each LR restart, so a restart dip cannot stop a run
-            level = unfreeze_level(cfg, epoch, model.num_backbone_stages)
-            model.set_backbone_trainable(level)
-            if hasattr(train_loader.sampler, "set_epoch"):
-                train_loader.sampler.set_epoch(epoch)
-            t0 = time.time()
-            train_stats = train_one_epoch(cfg, model, loss_fn, optimizer, scaler, ema, train_loader,
-                                          stage_plan, stage, epoch, state, device, dtype)
-            eval_model = ema.module if ema is not None else model
-            val_stats = (evaluate_model(cfg, eval_model, loss_fn, val_loader, device, dtype)
-                         if val_loader is not None else {})
-            state.epoch = epoch
-            row = {"epoch": epoch + 1, "stage": stage.index + 1, "unfreeze_level": level, **train_stats, **{f"val_{k}": v for k, v in val_stats.items()},
-                   "time_s": round(time.time() - t0, 2)}
-            state.history.append(row)
-            value = val_stats.get(monitor_key, -train_stats["train_loss"])
-            improved = is_improvement(value, state.best_value, higher_is_better or not val_stats)
-            if improved:
-                state.best_value, state.best_epoch, state.bad_epochs = value, epoch, 0
+    last_path = os.path.join(cfg.checkpoint_dir, "last.pth")
+    budget = TimeBudget(cfg.time_limit_s)
+    epochs_this_run, finished = 0, True
+    with run.stop:
+        for stage, stage_plan in zip(stages, plan.stages):
+            if stage.end_epoch <= start_epoch:
+                continue
+            train_loader = make_loader(cfg, train_samples, stage.batch_size, train=True,
+                                       seed_offset=stage.index)
+            val_loader = make_loader(cfg, val_samples, stage.batch_size, train=False) if val_samples else None
+            restarts = set(stage_plan.restart_epochs())
+            for epoch in range(max(stage.start_epoch, start_epoch), stage.end_epoch):
+                if epoch in (stage.start_epoch, stage.schedule_start) or epoch in restarts:
+                    state.bad_epochs = 0  # patience restarts with the stage and each LR restart
+                reason = stop_reason(cfg, epochs_this_run, budget)
+                if reason:
+                    log.info("%s: stopping before epoch %d. Go on with:\n  %s", reason, epoch + 1,
+                             continue_command(argv, last_path))
+                    return summary(state, finished=False)
+                level = unfreeze_level(cfg, epoch, model.num_backbone_stages)
+                model.set_backbone_trainable(level)
+                train_loader.set_epoch(epoch)
+                t0 = time.time()
+                partial, state.partial = state.partial, None
+                train_stats, cut = train_one_epoch(run, train_loader, stage_plan, stage, epoch, partial)
+                if cut is not None:
+                    state.partial = cut
+                    ckpt.save(checkpoint_state(run, stage, level), last_path)
+                    raise RunInterrupted(
+                        f"stopped by {signal.Signals(run.stop.signum).name} in epoch {epoch + 1} "
+                        f"after {cut['batches']} batches; saved {last_path}. Go on with: "
+                        f"{continue_command(argv, last_path)}", 128 + run.stop.signum)
+                end_of_epoch(run, stage, epoch, level, train_stats, val_loader, monitor_key,
+                             higher_is_better, time.time() - t0)
+                budget.record(time.time() - t0)
+                epochs_this_run += 1
+                if cfg.early_stop_patience and state.bad_epochs >= cfg.early_stop_patience:
+                    log.info("Early stop: %d epochs without a better %s", state.bad_epochs, cfg.monitor)
+                    break
+                if run.stop.requested:
+                    raise RunInterrupted(f"stopped by {signal.Signals(run.stop.signum).name} after epoch "
+                                         f"{epoch + 1}; saved {last_path}. Go on with: "
+                                         f"{continue_command(argv, last_path)}", 128 + run.stop.signum)
             else:
-                state.bad_epochs += 1
-            log.info("%s%s", format_epoch_line(row, cfg) if val_stats else
-                     f"Epoch {epoch + 1}/{cfg.epochs}: Loss: {row['train_loss']:.4f} | LR: {format_lr(row['lr'])}",
-                     "  * best" if improved else "")
-            full = checkpoint_state(cfg, model, optimizer, scaler, ema, state, stage, level)
-            ckpt.save(full, os.path.join(ckpt_dir, "last.pth"))
-            if improved:
-                ckpt.save(full, os.path.join(ckpt_dir, "best_model.pth"))
-            write_metrics_csv(state.history, os.path.join(ckpt_dir, "metrics.csv"))
-            if cfg.early_stop_patience and state.bad_epochs >= cfg.early_stop_patience:
-                log.info("Early stop: %d epochs without a better %s", state.bad_epochs, cfg.monitor)
-                stop = True
-                break
+                continue
+            break  # early stop ends the whole run
 
-    log.info("Done. Best %s %.4f at epoch %s -> %s", cfg.monitor,
-             state.best_value if state.best_value is not None else float("nan"),
-             None if state.best_epoch is None else state.best_epoch + 1,
-             os.path.join(ckpt_dir, "best_model.pth"))
-    test_results = evaluate_test_sets(cfg, index, model, ema, loss_fn, device, dtype)
+    log.info("Done. Best %s %s -> %s", cfg.monitor,
+             "none" if state.best_value is None else f"{state.best_value:.4f} at epoch {state.best_epoch + 1}",
+             os.path.join(cfg.checkpoint_dir, "best_model.pth"))
+    out = summary(state, finished=True)
+    out["test"] = evaluate_test_sets(cfg, index, model, run.ema, loss_fn, device, dtype)
+    return out
+
+
+def stop_reason(cfg: Config, epochs_this_run: int, budget: TimeBudget) -> Optional[str]:
+    if cfg.run_epochs is not None and epochs_this_run >= cfg.run_epochs:
+        return f"--run-epochs {cfg.run_epochs} reached"
+    if not budget.allows_another():
+        return (f"--time-limit {cfg.time_limit}: another epoch (up to {1.1 * budget.longest:.0f} s) "
+                "would not fit")
+    return None
+
+
+def end_of_epoch(run: Run, stage: Stage, epoch: int, level: int, train_stats: dict, val_loader,
+                 monitor_key: str, higher_is_better: bool, seconds: float) -> None:
+    """Validate, log one line, update the best record, save last/best/periodic and metrics.csv."""
+    cfg, state = run.cfg, run.state
+    eval_model = run.ema.module if run.ema is not None else run.model
+    val_stats = (evaluate_model(cfg, eval_model, run.loss_fn, val_loader, run.device, run.dtype)
+                 if val_loader is not None else {})
+    state.epoch = epoch
+    row = {"epoch": epoch + 1, "stage": stage.index + 1, "unfreeze_level": level, **train_stats,
+           **{f"val_{k}": v for k, v in val_stats.items()}}
+    state.history.append(row)
+    value = val_stats.get(monitor_key, -train_stats["train_loss"])
+    improved = is_improvement(value, state.best_value, higher_is_better if val_stats else True)
+    if improved:
+        state.best_value, state.best_epoch, state.bad_epochs = value, epoch, 0
+    else:
+        state.bad_epochs += 1
+    line = (format_epoch_line(row, cfg) if val_stats else
+            f"Epoch {epoch + 1}/{cfg.epochs}: Loss: {row['train_loss']:.4f} | LR: {format_lr(row['lr'])}")
+    log.info("%s | %.0fs%s", line, seconds, "  * best" if improved else "")
+    full = checkpoint_state(run, stage, level)
+    ckpt.save(full, os.path.join(cfg.checkpoint_dir, "last.pth"))
+    if improved:
+        ckpt.save(full, os.path.join(cfg.checkpoint_dir, "best_model.pth"))
+    save_periodic_copy(cfg, full, epoch)
+    write_metrics_csv(state.history, os.path.join(cfg.checkpoint_dir, "metrics.csv"))
+
+
+def summary(state: RunState, finished: bool) -> dict:
     return {"best_value": state.best_value, "best_epoch": state.best_epoch, "history": state.history,
-            "test": test_results}
+            "finished": finished}
+
+
+def log_model_summary(cfg: Config, model) -> None:
+    counts = model.param_counts()
+    log.info("Model: %s, %d experts (top-%d), deep supervision %s | params: %s", cfg.backbone,
+             cfg.num_experts, cfg.moe_top_k, "on" if cfg.deep_supervision else "off",
+             ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()))
+    log.info("Regularisation: weight decay %g (not on norms/biases) | drop-path %g | dropout %g | "
+             "label smoothing %g | grad clip %g", cfg.weight_decay, cfg.drop_path, cfg.dropout,
+             cfg.label_smoothing, cfg.grad_clip)
 
 
 def evaluate_test_sets(cfg: Config, index, model, ema, loss_fn, device, dtype) -> dict:

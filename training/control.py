@@ -1,0 +1,92 @@
+"""When a run stops early and on purpose: signals, a wall-clock budget, a per-invocation epoch cap.
+
+In every case the run saves a resumable ``last.pth`` first, and says how to go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import signal
+import time
+from typing import Optional
+
+log = logging.getLogger("cod")
+
+
+class RunInterrupted(Exception):
+    """Raised after a signal, once the resumable checkpoint is saved; ``exit_code`` is 128 + signal."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class StopRequest:
+    """SIGTERM/SIGINT set a flag that the loop reads after each optimizer step. A second SIGINT
+    interrupts at once (the previous ``last.pth`` is still there)."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._previous: dict = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.info("%s received: finishing the current optimizer step, then saving last.pth",
+                 signal.Signals(signum).name)
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+class TimeBudget:
+    """``--time-limit``: before each epoch, is there time for one more? The estimate is the longest
+    epoch so far (training + validation + saving) plus 10%; the first epoch always runs."""
+
+    def __init__(self, limit_s: Optional[float], start: Optional[float] = None):
+        self.limit_s = limit_s
+        self.start = time.time() if start is None else start
+        self.longest = 0.0
+
+    def record(self, epoch_seconds: float) -> None:
+        self.longest = max(self.longest, epoch_seconds)
+
+    def allows_another(self) -> bool:
+        if self.limit_s is None or self.longest == 0.0:
+            return True
+        return time.time() - self.start + 1.1 * self.longest <= self.limit_s
+
+
+def continue_command(argv: Optional[list], last_path: str) -> str:
+    """The command that goes on from ``last_path``: the same arguments with ``--resume-from``
+    pointing at it (any earlier ``--resume-from`` replaced)."""
+    if not argv:
+        return f"python train_ultimate.py train <same flags> --resume-from {last_path}"
+    args, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--resume-from":
+            skip = True
+            continue
+        if a.startswith("--resume-from="):
+            continue
+        args.append(a)
+    return "python train_ultimate.py " + shlex.join([*args, "--resume-from", last_path])

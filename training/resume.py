@@ -1,0 +1,71 @@
+"""``--resume-from``: restore a run's state, and decide whether its LR schedule continues or restarts.
+
+Continue (flags unchanged): the run goes on exactly as if it had never stopped. Restart (schedule
+flags changed, the plateau-breaking move, or ``--resume-schedule restart``): a fresh schedule of the
+new kind runs from the resume epoch to ``--epochs``, with its warm-up.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import shutil
+import time
+from typing import Optional
+
+from training import checkpoint as ckpt
+from training.config import Config
+
+log = logging.getLogger("cod")
+
+# Flags whose change makes the saved LR curve the wrong one: under --resume-schedule auto they
+# restart the schedule at the resume epoch.
+SCHEDULE_FLAGS = ("scheduler", "lr", "stage2_lr", "min_lr", "warmup_epochs", "epochs", "stage1_epochs",
+                  "t_mult", "restart_epochs", "onecycle_pct_start", "onecycle_div_factor",
+                  "batch_size", "stage2_batch_size", "accumulation_steps", "limit_batches")
+
+
+def schedule_changed(saved: dict, cfg: Config) -> list[str]:
+    new = cfg.to_dict()
+    return [k for k in SCHEDULE_FLAGS if k in saved and saved[k] != new[k]]
+
+
+def decide_schedule(cfg: Config, saved_config: dict, next_epoch: int,
+                    saved_restart_at: Optional[int]) -> tuple[Optional[int], str]:
+    """(epoch where the schedule restarts or None, and the reason in words) for a resume at
+    ``next_epoch`` (0-based) from a checkpoint written with ``saved_config``."""
+    changed = schedule_changed(saved_config, cfg)
+    if cfg.resume_schedule == "restart" or (cfg.resume_schedule == "auto" and changed):
+        why = ("--resume-schedule restart" if cfg.resume_schedule == "restart"
+               else "schedule flags changed: " + ", ".join(f"--{k.replace('_', '-')}" for k in changed))
+        return next_epoch, f"a fresh schedule starts at epoch {next_epoch + 1} ({why})"
+    why = ("--resume-schedule continue" if changed else "schedule flags unchanged")
+    return saved_restart_at, f"continuing the saved schedule ({why})"
+
+
+def peek(path: str) -> dict:
+    """What a resume from ``path`` would start from, without building anything (for ``schedule``)."""
+    obj = ckpt.load(path)
+    if not ckpt.is_full_checkpoint(obj):
+        return {"full": False}
+    partial = obj.get("partial")
+    return {"full": True, "config": obj.get("config", {}), "restart_at": obj.get("restart_at"),
+            "next_epoch": partial["epoch"] if partial else int(obj["epoch"]) + 1}
+
+
+def archive_abandoned_history(metrics_csv: str, keep_through_epoch: int) -> Optional[str]:
+    """Resuming from an earlier epoch than the run reached (e.g. from best_model.pth) rewrites
+    metrics.csv from that epoch on. The old file is kept beside it first, so no row is lost."""
+    if not os.path.isfile(metrics_csv):
+        return None
+    with open(metrics_csv) as f:
+        epochs = [int(r["epoch"]) for r in csv.DictReader(f) if r.get("epoch", "").isdigit()]
+    if not epochs or max(epochs) <= keep_through_epoch:
+        return None
+    backup = os.path.join(os.path.dirname(metrics_csv),
+                          f"metrics-until-epoch{max(epochs)}-{time.strftime('%Y%m%d-%H%M%S')}.csv")
+    shutil.copyfile(metrics_csv, backup)
+    log.info("Resume: metrics.csv went on to epoch %d; kept as %s before rewriting from epoch %d",
+             max(epochs), backup, keep_through_epoch + 1)
+    return backup
