@@ -43,8 +43,13 @@ def test_two_stage_run_writes_checkpoints_metrics_and_test_scores(demo_root, tmp
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
     assert [r["stage"] for r in rows] == ["1", "2", "2"]
     assert rows[0]["unfreeze_level"] == "0" and rows[1]["unfreeze_level"] == "5"
-    for col in ("lr", "train_loss", "val_loss", "val_iou", "val_dice", "val_sm", "val_mae"):
-        assert col in rows[0] and rows[0][col] != ""
+    for col in ("lr", "train_loss", "val_loss", "val_iou", "val_dice", "val_sm", "val_mae",
+                # every named loss term, and the experts' routing share (a collapse must be visible)
+                "train_bce", "train_iou", "train_dice", "train_ds", "train_moe_aux",
+                "expert0_usage", "expert1_usage", "expert2_usage"):
+        assert col in rows[0] and rows[0][col] != "", col
+    usage = [float(rows[-1][f"expert{e}_usage"]) for e in range(3)]
+    assert abs(sum(usage) - 1.0) < 1e-4 and float(rows[1]["train_ds"]) > 0
     last = ckpt.load(str(out / "last.pth"))  # weights_only=True inside
     assert last["epoch"] == 2 and last["stage"] == 2
     # 3 micro-batches with accumulation 2 -> 2 optimizer updates per epoch

@@ -31,6 +31,7 @@ from errors import UserError
 from evaluation import SegMetrics, resolve_monitor
 from losses import build_loss
 from models import build_model
+from models.flops import forward_gflops
 from training import checkpoint as ckpt
 from training.config import Config
 from training.control import RunInterrupted, StopRequest, TimeBudget, continue_command
@@ -415,7 +416,7 @@ def fit(cfg: Config, argv: Optional[list] = None) -> dict:
     loss_fn = build_loss(bce_weight=cfg.bce_weight, iou_weight=cfg.iou_weight, dice_weight=cfg.dice_weight,
                          moe_aux_weight=cfg.moe_aux_weight, ds_weights=cfg.ds_weights,
                          label_smoothing=cfg.label_smoothing)
-    log_model_summary(cfg, model)
+    log_model_summary(cfg, model, device)
     optimizer = build_optimizer(cfg, model)
     run = Run(cfg, model, loss_fn, optimizer,
               scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 else None,
@@ -536,11 +537,13 @@ def summary(state: RunState, finished: bool) -> dict:
             "finished": finished}
 
 
-def log_model_summary(cfg: Config, model) -> None:
+def log_model_summary(cfg: Config, model, device) -> None:
     counts = model.param_counts()
-    log.info("Model: %s, %d experts (top-%d), deep supervision %s | params: %s", cfg.backbone,
-             cfg.num_experts, cfg.moe_top_k, "on" if cfg.deep_supervision else "off",
-             ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()))
+    log.info("Model: %s, %d experts (top-%d), deep supervision %s | params: %s | %.2f GFLOPs per "
+             "%d px image (forward)", cfg.backbone, cfg.num_experts, cfg.moe_top_k,
+             "on" if cfg.deep_supervision else "off",
+             ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()),
+             forward_gflops(model, cfg.img_size, device), cfg.img_size)
     log.info("Regularisation: weight decay %g (not on norms/biases) | drop-path %g | dropout %g | "
              "label smoothing %g | grad clip %g", cfg.weight_decay, cfg.drop_path, cfg.dropout,
              cfg.label_smoothing, cfg.grad_clip)
