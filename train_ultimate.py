@@ -37,6 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optimizer steps per epoch for every stage, instead of counting --dataset-path")
     g.add_argument("--out", default=None, help="write step,epoch,stage,lr for every optimizer step (CSV)")
     g.add_argument("--plot", default=None, help="draw the curve to a PNG (needs matplotlib)")
+
+    from evaluation.cli import add_evaluate_arguments, add_predict_arguments
+
+    p = sub.add_parser("evaluate", help="score a checkpoint on every test set of a dataset")
+    add_evaluate_arguments(p)
+    p = sub.add_parser("predict", help="write probability or binary masks for images")
+    add_predict_arguments(p)
     return parser
 
 
@@ -55,6 +62,14 @@ def main(argv=None) -> int:
             from training.preview import preview_schedule
 
             preview_schedule(config_from_args(args), args.steps_per_epoch, args.out, args.plot)
+        elif args.command == "evaluate":
+            from evaluation.cli import run_evaluate
+
+            return run_evaluate(args)
+        elif args.command == "predict":
+            from evaluation.cli import run_predict
+
+            return run_predict(args)
         return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -63,7 +78,8 @@ def main(argv=None) -> int:
         print(f"interrupted: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("interrupted: last.pth holds the last completed epoch", file=sys.stderr)
+        hint = ": last.pth holds the last completed epoch" if args.command == "train" else ""
+        print(f"interrupted{hint}", file=sys.stderr)
         return 130
 
 

@@ -111,26 +111,26 @@ def _pairs(img_dir: str, mask_dir: str | None, include_noncam: bool) -> list[Sam
     return samples
 
 
-def _cod10k(root: str, include_noncam: bool) -> DatasetIndex | None:
+def _cod10k(root: str, include_noncam: bool, require_train: bool = True) -> DatasetIndex | None:
     train = _subdir(root, _COD_TRAIN)
     img = train and _subdir(train, _COD_IMAGES)
-    if not img:
-        return None
-    index = DatasetIndex(root, "cod10k", _pairs(img, _subdir(train, _COD_MASKS), include_noncam))
     test = _subdir(root, _COD_TEST)
     test_img = test and _subdir(test, _COD_IMAGES)
+    if not img and (require_train or not test_img):
+        return None
+    index = DatasetIndex(root, "cod10k", _pairs(img, _subdir(train, _COD_MASKS), include_noncam) if img else [])
     if test_img:
         index.tests[COD10K_TEST_NAME] = _pairs(test_img, _subdir(test, _COD_MASKS), include_noncam)
     return index
 
 
-def _sinet(root: str, include_noncam: bool, layout: str = "sinet") -> DatasetIndex | None:
+def _sinet(root: str, include_noncam: bool, layout: str = "sinet", require_train: bool = True) -> DatasetIndex | None:
     train = _subdir(root, _SINET_TRAIN)
     img = train and _subdir(train, _SINET_IMAGES)
-    if not img:
-        return None
-    index = DatasetIndex(root, layout, _pairs(img, _subdir(train, _SINET_MASKS), include_noncam))
     test_root = _subdir(root, _SINET_TEST)
+    if not img and (require_train or not test_root):
+        return None
+    index = DatasetIndex(root, layout, _pairs(img, _subdir(train, _SINET_MASKS), include_noncam) if img else [])
     if test_root:
         for entry in sorted(os.scandir(test_root), key=lambda e: e.name):
             test_img = entry.is_dir() and _subdir(entry.path, _SINET_IMAGES)
@@ -145,11 +145,13 @@ def _layout_help(root: str) -> str:
 
 
 def find_dataset(root: str, include_noncam: bool = False, cache_dir: str | None = None,
-                 seed: int = 0) -> DatasetIndex:
+                 seed: int = 0, require_train: bool = True) -> DatasetIndex:
     """Index the image/mask pairs under ``root`` (or generate and index the demo data if ``root`` is 'demo').
 
     ``cache_dir`` and ``seed`` only matter for 'demo': the data is generated once into
     ``<cache_dir>/demo-<seed>-<size>`` (``cache_dir`` defaults to ``~/.cache/cod_ultimate``) and reused.
+    ``require_train=False`` (evaluation) also accepts a root that holds only test sets (``Test/`` or
+    ``TestDataset/``); its ``train`` list is then empty.
     """
     if str(root).strip().lower() == "demo":
         from .demo import DEMO_SIZE, make_demo_dataset
@@ -169,8 +171,9 @@ def find_dataset(root: str, include_noncam: bool = False, cache_dir: str | None 
     if parent_of_cod:
         candidates.append(parent_of_cod)
     for folder in candidates:
-        index = _cod10k(folder, include_noncam) or _sinet(folder, include_noncam)
-        if index is not None:
+        index = (_cod10k(folder, include_noncam, require_train=require_train)
+                 or _sinet(folder, include_noncam, require_train=require_train))
+        if index is not None and (index.train or index.tests):
             log.info(index.summary())
             return index
     raise UserError(_layout_help(root))

@@ -1,0 +1,155 @@
+"""``predict``: masks for a folder of images (or one image), at each image's original size.
+
+For every input ``<stem>.<ext>`` it writes ``<output>/<stem>.png``, 8-bit single channel:
+``round(255 * p)`` of the foreground probability ``p``, or 0/255 for ``p > threshold`` with
+``--threshold``. ``p`` comes from the model at its square size (see ``evaluation.evaluate``) and is
+resized to the image's own size bilinearly (on float32, as ``SegMetrics`` resizes predictions), so
+scoring the saved probability PNGs against the masks gives ``evaluate``'s numbers.
+``--overlay`` adds ``<output>/overlay/<stem>_overlay.jpg`` (the image, tinted red by the mask at up
+to 50 %); ``--zip FILE`` packs the PNGs, flat, under their file names.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import zipfile
+from dataclasses import dataclass
+from typing import Optional
+
+import cv2
+import numpy as np
+
+import data as cod_data
+from data.images import IMAGE_EXTS
+from errors import UserError
+from evaluation.evaluate import InferenceOptions, iterate_probs, load_model
+
+log = logging.getLogger(__name__)
+
+OVERLAY_COLOR = np.array([255, 0, 0], np.float32)  # RGB red
+OVERLAY_ALPHA = 0.5
+
+
+@dataclass
+class PredictOptions(InferenceOptions):
+    input: str = ""
+    output: str = ""
+    threshold: Optional[float] = None  # None: probability PNGs; else binary 0/255 masks
+    zip: Optional[str] = None
+    overlay: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        if self.threshold is not None and not 0.0 < self.threshold < 1.0:
+            raise UserError(f"--threshold must be in (0, 1) (got {self.threshold})")
+        if not self.output:
+            raise UserError("--output: name the folder the masks go to")
+
+
+def list_inputs(path: str) -> list[str]:
+    """One file, or the image files (``IMAGE_EXTS``, hidden ones skipped) of one folder, sorted by name,
+    not recursive. Two inputs with the same stem would write the same PNG: a UserError."""
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise UserError(f"--input {path}: no such file or folder; pass an image or a folder of images")
+    paths = sorted(e.path for e in os.scandir(path)
+                   if e.is_file() and not e.name.startswith(".") and os.path.splitext(e.name)[1].lower() in IMAGE_EXTS)
+    if not paths:
+        raise UserError(f"--input {path}: no images ({', '.join(IMAGE_EXTS)}) in this folder; "
+                        "point --input at the folder that holds them")
+    seen: dict[str, str] = {}
+    for p in paths:
+        stem = _stem(p)
+        if stem in seen:
+            raise UserError(f"--input {path}: {os.path.basename(seen[stem])} and {os.path.basename(p)} would both "
+                            f"write {stem}.png; rename or remove one")
+        seen[stem] = p
+    return paths
+
+
+def _stem(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def to_png(prob: np.ndarray, size: tuple[int, int], threshold: Optional[float]) -> np.ndarray:
+    """S x S probabilities -> H x W uint8: bilinear resize to ``size``, then 0-255 or binary 0/255."""
+    h, w = size
+    if prob.shape != (h, w):
+        prob = np.clip(cv2.resize(prob.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
+    if threshold is not None:
+        return (prob > threshold).astype(np.uint8) * 255
+    return np.rint(prob * 255.0).astype(np.uint8)
+
+
+def overlay(image: np.ndarray, mask_u8: np.ndarray) -> np.ndarray:
+    """RGB uint8 image with red mixed in at ``OVERLAY_ALPHA * mask / 255`` per pixel."""
+    a = (OVERLAY_ALPHA / 255.0) * mask_u8.astype(np.float32)[:, :, None]
+    return np.rint(image.astype(np.float32) * (1.0 - a) + OVERLAY_COLOR * a).astype(np.uint8)
+
+
+def write_image(path: str, array: np.ndarray) -> None:
+    """PNG or JPEG by extension; any path (encode + tofile, as ``load_image`` reads with fromfile)."""
+    ext = os.path.splitext(path)[1].lower()
+    if array.ndim == 3:
+        array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
+    params = [cv2.IMWRITE_JPEG_QUALITY, 95] if ext in (".jpg", ".jpeg") else []
+    ok, buf = cv2.imencode(ext, array, params)
+    try:
+        if not ok:
+            raise OSError(f"cannot encode {ext}")
+        buf.tofile(path)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}; pass a writable --output") from None
+
+
+def predict_images(opts: PredictOptions) -> list[str]:
+    """Write one PNG per input (and overlays, zip); return the PNG paths in input order."""
+    opts.validate()
+    paths = list_inputs(opts.input)
+    out_dir = os.path.abspath(opts.output)
+    pngs = [os.path.join(out_dir, _stem(p) + ".png") for p in paths]
+    clash = set(map(os.path.abspath, paths)) & set(pngs)
+    if clash:
+        raise UserError(f"--output {opts.output} would overwrite the input {sorted(clash)[0]}; "
+                        "choose another --output folder")
+    overlay_dir = os.path.join(out_dir, "overlay")
+    try:
+        os.makedirs(overlay_dir if opts.overlay else out_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {out_dir}: {e.strerror or e}; pass a writable --output") from None
+
+    model, cfg, device, dtype = load_model(opts)
+    mode = f"binary masks (p > {opts.threshold:g})" if opts.threshold is not None else "probabilities (0-255)"
+    log.info("Predict: %d image(s) from %s | %s | TTA %s | device %s", len(paths), opts.input, mode, opts.tta,
+             device)
+    for i, prob, size in iterate_probs(model, paths, opts, cfg["img_size"], device, dtype, desc="predict"):
+        mask = to_png(prob, size, opts.threshold)
+        write_image(pngs[i], mask)
+        if opts.overlay:
+            write_image(os.path.join(overlay_dir, _stem(paths[i]) + "_overlay.jpg"),
+                        overlay(cod_data.load_image(paths[i]), mask))
+
+    if opts.zip:
+        write_zip(opts.zip, pngs)
+    log.info("Wrote %d mask(s) to %s%s%s", len(pngs), out_dir,
+             f", overlays to {overlay_dir}" if opts.overlay else "",
+             f", zip {os.path.abspath(opts.zip)}" if opts.zip else "")
+    return pngs
+
+
+def write_zip(zip_path: str, files: list[str]) -> None:
+    """The files under their base names (flat), written to a temporary file and renamed into place."""
+    zip_path = os.path.abspath(zip_path)
+    tmp = zip_path + ".tmp"
+    try:
+        os.makedirs(os.path.dirname(zip_path), exist_ok=True)
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as z:
+            for f in files:
+                z.write(f, arcname=os.path.basename(f))
+        os.replace(tmp, zip_path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"cannot write --zip {zip_path}: {e.strerror or e}; choose a writable path") from None
