@@ -57,7 +57,9 @@ def _stage_lines(stage: StagePlan, offset: int) -> list[str]:
         lines.append("  no warm-up")
     if w >= total:
         lines.append("  warm-up is at least as long as the stage: the LR stays on the ramp")
-    if d["kind"] == "cosine_restart":
+    if d["kind"] == "cosine_restart" and not d["cycle_steps"]:
+        lines.append("  no cosine cycle: the warm-up fills the stage")
+    elif d["kind"] == "cosine_restart":
         lengths = [_epochs(c, spe) for c in d["cycle_steps"]]
         cycles = lengths[0] if d["t_mult"] == 1 else ", ".join(lengths[:_MAX_LISTED])
         if d["t_mult"] != 1 and len(lengths) > _MAX_LISTED:
@@ -66,8 +68,9 @@ def _stage_lines(stage: StagePlan, offset: int) -> list[str]:
         where = ", ".join(_where(stage, k) for k in restarts[:_MAX_LISTED])
         if len(restarts) > _MAX_LISTED:
             where += f", ... ({len(restarts)} in all)"
+        cut = "; the last one cut off by the stage end" if sum(d["cycle_steps"]) > total - w else ""
         lines.append(f"  cosine cycles of {cycles} epochs (restart_epochs {d['restart_epochs']}, "
-                     f"t_mult {d['t_mult']}; the last one cut off by the stage end)")
+                     f"t_mult {d['t_mult']}{cut})")
         lines.append(f"  restarts (LR jumps back to the peak): {where or 'none inside this stage'}")
     return lines
 
@@ -172,16 +175,20 @@ def plot_png(plan: LRPlan, path) -> None:
     fig = Figure(figsize=(10, 4.5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
+    kinds = list(dict.fromkeys(stage.schedule.kind for stage in plan.stages))
+    one_kind = len(kinds) == 1  # the usual case: name the kind once, in the legend
     if rows:
-        ax.plot([r[0] for r in rows], [r[3] for r in rows], lw=1.4, color="tab:blue", label="head LR")
+        ax.plot([r[0] for r in rows], [r[3] for r in rows], lw=1.4, color="tab:blue",
+                label=f"head LR ({kinds[0]})" if one_kind else "head LR")
     else:
         ax.text(0.5, 0.5, "no optimizer steps", ha="center", va="center", transform=ax.transAxes)
     for i, (stage, off) in enumerate(zip(plan.stages, plan.offsets())):
         if i > 0:
             ax.axvline(off, color="black", ls="--", lw=1,
                        label="stage boundary" if i == 1 else None)
-        ax.text(off, 1.0, f" {stage.name}: {_epoch_range(stage)}, "
-                f"{stage.schedule.kind}", transform=ax.get_xaxis_transform(), va="bottom", fontsize=8)
+        ax.text(off, 1.0, f" {stage.name}: {_epoch_range(stage)}"
+                + ("" if one_kind else f", {stage.schedule.kind}"),
+                transform=ax.get_xaxis_transform(), va="bottom", fontsize=8)
     for j, g in enumerate(plan.restart_steps()):
         ax.axvline(g, color="tab:red", ls=":", lw=1, label="restart" if j == 0 else None)
     ax.set_xlabel("optimizer update (global, after gradient accumulation)")
@@ -189,7 +196,7 @@ def plot_png(plan: LRPlan, path) -> None:
     ax.yaxis.set_major_formatter(FormatStrFormatter("%.1e"))  # no offset text over the stage labels
     ax.grid(alpha=0.3)
     if rows:
-        ax.legend(loc="upper right", fontsize=8)
+        ax.legend(loc="best", fontsize=8, framealpha=0.9)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

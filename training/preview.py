@@ -35,6 +35,8 @@ def preview_schedule(cfg: Config, steps_per_epoch: Optional[int] = None, out: Op
         else:
             print(f"Resume from {cfg.resume_from}: weights only, so the schedule starts fresh")
     stages = plan_stages(cfg, restart_at=restart_at)
+    if cfg.skip_stage1:  # train never runs stage 1 then
+        stages = [s for s in stages if s.name != "stage1"]
     if steps_per_epoch is not None:
         if steps_per_epoch < 1:
             raise UserError(f"--steps-per-epoch must be >= 1 (got {steps_per_epoch})")
