@@ -6,13 +6,12 @@ really trains on), and the size flags below are appended (later flags win).
 
 import os
 import re
-import shlex
 
 import pytest
 
 import train_ultimate
 from data import make_demo_dataset
-from tests.test_usage_commands import make_cod10k
+from tests.test_usage_commands import make_cod10k, parse_commands
 
 DOC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "resume.md")
 SHRINK = ["--stage1-epochs", "1", "--img-size", "64", "--limit-batches", "2", "--num-workers", "0",
@@ -21,19 +20,7 @@ EPOCHS = {"120": "2", "150": "3"}
 
 
 def doc_commands(path):
-    text = open(path).read()
-    commands = []
-    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
-        current = ""
-        for line in block.splitlines():
-            line = line.strip()
-            if line.startswith("#") or not line:
-                continue
-            current += " " + line.rstrip("\\").strip()
-            if not line.endswith("\\"):
-                commands.append(shlex.split(current))
-                current = ""
-    return commands
+    return parse_commands("\n".join(re.findall(r"```bash\n(.*?)```", open(path).read(), flags=re.S)))
 
 
 def test_resume_doc_commands_run_in_order(tmp_path, capsys):

@@ -21,17 +21,22 @@ SHRINK = ["--epochs", "2", "--stage1-epochs", "1", "--img-size", "64", "--limit-
           "--num-workers", "0", "--no-pretrained", "--no-progress"]
 
 
-def read_commands(path):
-    lines, current = [], ""
-    for raw in open(path):
+def parse_commands(text):
+    """Shell commands in ``text`` as argv lists: comments and blank lines skipped, ``\\`` lines joined."""
+    commands, current = [], ""
+    for raw in text.splitlines():
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         current += " " + line.rstrip("\\").strip()
         if not line.endswith("\\"):
-            lines.append(shlex.split(current))
+            commands.append(shlex.split(current))
             current = ""
-    return lines
+    return commands
+
+
+def read_commands(path):
+    return parse_commands(open(path).read())
 
 
 def make_cod10k(root, demo):
