@@ -434,7 +434,7 @@ def fit(cfg: Config, argv: Optional[list] = None) -> dict:
     if start_epoch >= cfg.epochs:
         log.info("Nothing to train: epoch %d already reached --epochs %d (raise --epochs to go on)",
                  start_epoch, cfg.epochs)
-        return {"best_value": state.best_value, "best_epoch": state.best_epoch, "history": state.history}
+        return summary(state, finished=True)
 
     stages = plan_stages(cfg, restart_at=state.restart_at)
     plan = make_lr_plan(cfg, stages, n_train=len(train_samples))
@@ -442,7 +442,7 @@ def fit(cfg: Config, argv: Optional[list] = None) -> dict:
 
     last_path = os.path.join(cfg.checkpoint_dir, "last.pth")
     budget = TimeBudget(cfg.time_limit_s)
-    epochs_this_run, finished = 0, True
+    epochs_this_run = 0
     with run.stop:
         for stage, stage_plan in zip(stages, plan.stages):
             if stage.end_epoch <= start_epoch:
@@ -468,10 +468,8 @@ def fit(cfg: Config, argv: Optional[list] = None) -> dict:
                 if cut is not None:
                     state.partial = cut
                     ckpt.save(checkpoint_state(run, stage, level), last_path)
-                    raise RunInterrupted(
-                        f"stopped by {signal.Signals(run.stop.signum).name} in epoch {epoch + 1} "
-                        f"after {cut['batches']} batches; saved {last_path}. Go on with: "
-                        f"{continue_command(argv, last_path)}", 128 + run.stop.signum)
+                    raise interrupted(run, f"in epoch {epoch + 1} after {cut['batches']} batches",
+                                      last_path, argv)
                 end_of_epoch(run, stage, epoch, level, train_stats, val_loader, monitor_key,
                              higher_is_better, time.time() - t0)
                 budget.record(time.time() - t0)
@@ -480,9 +478,7 @@ def fit(cfg: Config, argv: Optional[list] = None) -> dict:
                     log.info("Early stop: %d epochs without a better %s", state.bad_epochs, cfg.monitor)
                     break
                 if run.stop.requested:
-                    raise RunInterrupted(f"stopped by {signal.Signals(run.stop.signum).name} after epoch "
-                                         f"{epoch + 1}; saved {last_path}. Go on with: "
-                                         f"{continue_command(argv, last_path)}", 128 + run.stop.signum)
+                    raise interrupted(run, f"after epoch {epoch + 1}", last_path, argv)
             else:
                 continue
             break  # early stop ends the whole run
@@ -493,6 +489,12 @@ def fit(cfg: Config, argv: Optional[list] = None) -> dict:
     out = summary(state, finished=True)
     out["test"] = evaluate_test_sets(cfg, index, model, run.ema, loss_fn, device, dtype)
     return out
+
+
+def interrupted(run: Run, where: str, last_path: str, argv: Optional[list]) -> RunInterrupted:
+    name = signal.Signals(run.stop.signum).name
+    return RunInterrupted(f"stopped by {name} {where}; saved {last_path}. Go on with: "
+                          f"{continue_command(argv, last_path)}", 128 + run.stop.signum)
 
 
 def stop_reason(cfg: Config, epochs_this_run: int, budget: TimeBudget) -> Optional[str]:
