@@ -93,7 +93,10 @@ def hand_metrics(run, size, weights="model", tta=False):
     return metrics.results()
 
 
-def assert_close(got: dict, want: dict, tol=1e-6):
+def assert_close(got: dict, want: dict, tol=2e-5):
+    # evaluate runs images in batches, the hand path one by one: CPU kernels differ by ~1e-7 between
+    # the two, which can flip one pixel's round(prob * 255) and move a metric by ~1e-6 on 64 px masks.
+    # Scoring at the model's 96 px instead of the GT's 64 px moved them by 1.6e-4 (mE) to 7e-3 (wFm).
     for k in METRIC_KEYS:
         assert got[k] == pytest.approx(want[k], abs=tol), k
 
