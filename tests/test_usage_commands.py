@@ -1,5 +1,8 @@
 """Every command users run (../shared/usage/commands.txt) runs here, shrunk to a few CPU batches.
 
+``tests/fixtures/user_commands.txt`` is a verbatim copy, so the test also runs in a clone without
+``../shared`` beside it; where both exist, a test checks the copy has not drifted.
+
 The dataset path is replaced by a small COD10K-v3-layout folder, Kaggle's working paths by a temp
 folder, and the acceptance flags are appended (later flags win). Commands run in file order, so the
 ``--resume-from .../best_model.pth`` ones resume from what the earlier ones wrote.
@@ -16,7 +19,9 @@ import train_ultimate
 from data import make_demo_dataset
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-COMMANDS = os.path.join(HERE, "..", "..", "shared", "usage", "commands.txt")
+SHARED_COMMANDS = os.path.join(HERE, "..", "..", "shared", "usage", "commands.txt")
+COPY = os.path.join(HERE, "fixtures", "user_commands.txt")
+COMMANDS = SHARED_COMMANDS if os.path.isfile(SHARED_COMMANDS) else COPY
 SHRINK = ["--epochs", "2", "--stage1-epochs", "1", "--img-size", "64", "--limit-batches", "2",
           "--num-workers", "0", "--no-pretrained", "--no-progress"]
 
@@ -56,7 +61,12 @@ def make_cod10k(root, demo):
     return root
 
 
-@pytest.mark.skipif(not os.path.isfile(COMMANDS), reason="../shared/usage/commands.txt not present")
+@pytest.mark.skipif(not os.path.isfile(SHARED_COMMANDS), reason="../shared/usage/commands.txt not beside this clone")
+def test_the_copy_matches_the_users_commands():
+    with open(SHARED_COMMANDS) as a, open(COPY) as b:
+        assert a.read() == b.read(), f"refresh the copy: cp {SHARED_COMMANDS} {COPY}"
+
+
 def test_every_user_command_runs(tmp_path):
     demo = make_demo_dataset(str(tmp_path / "demo"), n_train=16, n_test=2, size=64, seed=1)
     cod = make_cod10k(str(tmp_path / "COD10K-v3"), demo)
