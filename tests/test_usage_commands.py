@@ -1,7 +1,7 @@
 """Every command users run (../shared/usage/commands.txt) runs here, shrunk to a few CPU batches.
 
-``tests/fixtures/user_commands.txt`` is a verbatim copy, so the test also runs in a clone without
-``../shared`` beside it; where both exist, a test checks the copy has not drifted.
+They are read from ``tests/fixtures/user_commands.txt``, a verbatim copy, so they also run in a clone
+without ``../shared`` beside it; where both exist, a test checks the copy has not drifted.
 
 The dataset path is replaced by a small COD10K-v3-layout folder, Kaggle's working paths by a temp
 folder, and the acceptance flags are appended (later flags win). Commands run in file order, so the
@@ -21,7 +21,6 @@ from data import make_demo_dataset
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED_COMMANDS = os.path.join(HERE, "..", "..", "shared", "usage", "commands.txt")
 COPY = os.path.join(HERE, "fixtures", "user_commands.txt")
-COMMANDS = SHARED_COMMANDS if os.path.isfile(SHARED_COMMANDS) else COPY
 SHRINK = ["--epochs", "2", "--stage1-epochs", "1", "--img-size", "64", "--limit-batches", "2",
           "--num-workers", "0", "--no-pretrained", "--no-progress"]
 
@@ -71,7 +70,7 @@ def test_every_user_command_runs(tmp_path):
     demo = make_demo_dataset(str(tmp_path / "demo"), n_train=16, n_test=2, size=64, seed=1)
     cod = make_cod10k(str(tmp_path / "COD10K-v3"), demo)
     work = str(tmp_path / "working")
-    commands = read_commands(COMMANDS)
+    commands = read_commands(COPY)
     assert len(commands) >= 7
     for argv in commands:
         assert argv[:3] == ["python", "train_ultimate.py", "train"], argv
