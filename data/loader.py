@@ -16,6 +16,7 @@ re-seeds the generator from ``(seed, e)``, making epoch ``e`` a function of the 
 from __future__ import annotations
 
 import random
+import signal
 
 import numpy as np
 import torch
@@ -38,7 +39,15 @@ def reseed_dataset(dataset: Dataset, seed: int) -> None:
 
 
 def seed_worker(worker_id: int) -> None:
-    """worker_init_fn: seed numpy, random and the augmentation from the worker's torch seed."""
+    """worker_init_fn: ignore SIGINT/SIGTERM, and seed numpy, random and the augmentation from the
+    worker's torch seed.
+
+    ``timeout``, Ctrl-C in a terminal, ``docker stop`` and a notebook's stop signal the whole process
+    group. The main process handles the signal (it finishes the optimizer step, which may need more
+    batches, and saves); a worker killed by it would crash the main process instead. Workers still
+    exit when the main process shuts the loader down, or dies."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     seed = torch.initial_seed()  # base_seed + worker_id, base_seed drawn from the loader's generator
     np.random.seed(seed % 2**32)
     random.seed(seed)

@@ -40,7 +40,8 @@ def _add_inference_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-workers", type=int, default=d.num_workers, help="DataLoader workers (0 = main process)")
     g.add_argument("--device", default=d.device, help="auto (cuda if present, else cpu), cpu, cuda, cuda:N")
     g.add_argument("--amp", choices=AMP_MODES, default=None,
-                   help="mixed precision on CUDA (default: the run's --amp); always fp32 on CPU")
+                   help="mixed precision on CUDA (default: off, fp32, so reported metrics do not depend "
+                        "on the GPU); always fp32 on CPU")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
 
 

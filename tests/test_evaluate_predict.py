@@ -27,7 +27,9 @@ from evaluation.evaluate import predict_probs
 from models import build_model
 from training import checkpoint as ckpt
 
-FAST = ["--num-workers", "0", "--no-progress"]
+# The numbers here are checked against an fp32 CPU path done by hand, so the commands run on the CPU
+# too (fp32 by construction); tests/test_cuda.py covers the CUDA paths with their own tolerances.
+FAST = ["--num-workers", "0", "--no-progress", "--device", "cpu"]
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
 
@@ -40,7 +42,7 @@ def run(tmp_path_factory):
     assert train_ultimate.main([
         "train", "--dataset-path", root, "--checkpoint-dir", str(ck), "--backbone", "edgenext_xx_small",
         "--no-pretrained", "--img-size", "64", "--epochs", "1", "--stage1-epochs", "1", "--limit-batches", "1",
-        "--num-workers", "0", "--no-progress", "--ema"]) == 0
+        "--num-workers", "0", "--no-progress", "--ema", "--device", "cpu"]) == 0
     test_dir = os.path.join(root, "TestDataset", "demo")
     images = sorted(os.path.join(test_dir, "Imgs", f) for f in os.listdir(os.path.join(test_dir, "Imgs")))
     masks = [os.path.join(test_dir, "GT", os.path.splitext(os.path.basename(p))[0] + ".png") for p in images]

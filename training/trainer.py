@@ -167,12 +167,14 @@ class Run:
 
 
 def train_one_epoch(run: Run, loader, stage_plan, stage: Stage, epoch: int,
-                    partial: Optional[dict] = None) -> tuple[dict, Optional[dict]]:
-    """Train one epoch. Returns (stats, None), or (None, partial) when a stop was requested: then
-    ``partial`` holds how far the epoch got, to be saved and finished by a resume.
+                    partial: Optional[dict] = None) -> tuple[Optional[dict], dict]:
+    """Train one epoch. Returns ``(stats, progress)``: ``progress`` says how far the epoch got (the
+    ``partial`` a checkpoint saves, so that a resume finishes the epoch), ``stats`` is None when a
+    stop request cut the epoch short.
 
     A resumed ``partial`` epoch replays the data order from the start, loading but not training the
-    batches that were done, so the rest of the epoch sees exactly the batches it would have."""
+    batches that were done, so the rest of the epoch sees exactly the batches it would have. The
+    accumulators come back onto the run's device, whichever device wrote the checkpoint."""
     cfg, model, optimizer = run.cfg, run.model, run.optimizer
     model.train()
     n_batches = min(len(loader), cfg.limit_batches or len(loader))
@@ -180,13 +182,18 @@ def train_one_epoch(run: Run, loader, stage_plan, stage: Stage, epoch: int,
     assert spe == stage_plan.steps_per_epoch, (spe, stage_plan.steps_per_epoch)  # one clock for both
     k0 = (epoch - stage.schedule_start) * spe
     done = partial["batches"] if partial else 0
-    sums = {k: torch.tensor(v) for k, v in partial["sums"].items()} if partial else {}
-    usage = torch.tensor(partial["usage"]) if partial and partial.get("usage") is not None else None
-    head_lr = stage_plan.lr_at(k0 + done // cfg.accumulation_steps)
+    sums = {k: torch.tensor(v, device=run.device) for k, v in partial["sums"].items()} if partial else {}
+    usage = (torch.tensor(partial["usage"], device=run.device)
+             if partial and partial.get("usage") is not None else None)
+    head_lr = stage_plan.lr_at(k0 + max(done - 1, 0) // cfg.accumulation_steps)
+
+    def progress(batches: int) -> dict:
+        return {"epoch": epoch, "batches": batches, "sums": {k: float(v) for k, v in sums.items()},
+                "usage": None if usage is None else usage.tolist()}
     bar = tqdm(total=n_batches, initial=done, desc=f"Epoch {epoch + 1}/{cfg.epochs} {stage.name}",
                leave=False, disable=not cfg.progress, dynamic_ncols=True, mininterval=1.0)
     optimizer.zero_grad(set_to_none=True)
-    for i, batch in enumerate(loader):
+    for i, batch in enumerate(loader if done < n_batches else ()):
         if i >= n_batches:
             break
         if i < done:
@@ -217,9 +224,7 @@ def train_one_epoch(run: Run, loader, stage_plan, stage: Stage, epoch: int,
             run.state.global_step += 1
             if run.stop.requested and i + 1 < n_batches:
                 bar.close()
-                return None, {"epoch": epoch, "batches": i + 1,
-                              "sums": {k: float(v) for k, v in sums.items()},
-                              "usage": None if usage is None else usage.tolist()}
+                return None, progress(i + 1)
     bar.close()
     out = {"lr": head_lr, **{f"train_{k}": (v / n_batches).item() for k, v in sums.items()}}
     if usage is not None:
@@ -229,7 +234,7 @@ def train_one_epoch(run: Run, loader, stage_plan, stage: Stage, epoch: int,
         raise TrainingDiverged(
             f"training loss became {out['train_loss']} in epoch {epoch + 1}; last.pth keeps the last "
             "good epoch: resume from it with a lower --lr/--stage2-lr or more --warmup-epochs")
-    return out, None
+    return out, progress(n_batches)
 
 
 def optimizer_step(cfg: Config, model, optimizer, scaler) -> None:
@@ -247,8 +252,10 @@ def optimizer_step(cfg: Config, model, optimizer, scaler) -> None:
 
 
 @torch.no_grad()
-def evaluate_model(cfg: Config, model, loss_fn, loader, device, dtype, desc: str = "val") -> dict:
-    """Loss at the training size; metrics per image at the ground truth's own resolution."""
+def evaluate_model(cfg: Config, model, loss_fn, loader, device, dtype, desc: str = "val",
+                   stop: Optional[StopRequest] = None) -> Optional[dict]:
+    """Loss at the training size; metrics per image at the ground truth's own resolution.
+    None when ``stop`` was requested before the last batch (a signal: save and exit quickly)."""
     model.eval()
     metrics = SegMetrics(threshold=cfg.threshold)
     n_batches = min(len(loader), cfg.limit_batches or len(loader))
@@ -258,6 +265,8 @@ def evaluate_model(cfg: Config, model, loss_fn, loader, device, dtype, desc: str
                                    disable=not cfg.progress, dynamic_ncols=True, mininterval=1.0)):
         if i >= n_batches:
             break
+        if stop is not None and stop.requested:
+            return None
         image = batch["image"].to(device)
         mask = batch["mask"].to(device)
         with autocast:
@@ -378,6 +387,10 @@ def resume_run(run: Run) -> None:
         log.info("Resume: the optimizer state does not fit this model: fresh optimizer moments")
     if run.scaler is not None and obj.get("scaler"):
         run.scaler.load_state_dict(obj["scaler"])
+    elif run.scaler is not None or obj.get("scaler"):
+        log.info("Resume: the checkpoint was trained %s fp16 loss scaling and this run %s: the loss "
+                 "scale starts afresh", "with" if obj.get("scaler") else "without",
+                 "uses it" if run.scaler is not None else "does not (CPU, bf16 or --amp off)")
     if run.ema is not None:
         if obj.get("ema"):
             run.ema.load_state_dict(obj["ema"])
@@ -464,13 +477,15 @@ def fit(cfg: Config, argv: Optional[list] = None) -> dict:
                 train_loader.set_epoch(epoch)
                 t0 = time.time()
                 partial, state.partial = state.partial, None
-                train_stats, cut = train_one_epoch(run, train_loader, stage_plan, stage, epoch, partial)
-                if cut is not None:
-                    state.partial = cut
+                train_stats, progress = train_one_epoch(run, train_loader, stage_plan, stage, epoch, partial)
+                val_stats = validate(run, val_loader) if train_stats and not run.stop.requested else None
+                if val_stats is None:  # a stop request: in the epoch, at its end, or in validation
+                    state.partial = progress
                     ckpt.save(checkpoint_state(run, stage, level), last_path)
-                    raise interrupted(run, f"in epoch {epoch + 1} after {cut['batches']} batches",
-                                      last_path, argv)
-                end_of_epoch(run, stage, epoch, level, train_stats, val_loader, monitor_key,
+                    where = (f"in epoch {epoch + 1} after {progress['batches']} batches" if not train_stats
+                             else f"at the end of epoch {epoch + 1}, before its validation")
+                    raise interrupted(run, where, last_path, argv)
+                end_of_epoch(run, stage, epoch, level, train_stats, val_stats, monitor_key,
                              higher_is_better, time.time() - t0)
                 budget.record(time.time() - t0)
                 epochs_this_run += 1
@@ -483,11 +498,11 @@ def fit(cfg: Config, argv: Optional[list] = None) -> dict:
                 continue
             break  # early stop ends the whole run
 
-    log.info("Done. Best %s %s -> %s", cfg.monitor,
-             "none" if state.best_value is None else f"{state.best_value:.4f} at epoch {state.best_epoch + 1}",
-             os.path.join(cfg.checkpoint_dir, "best_model.pth"))
-    out = summary(state, finished=True)
-    out["test"] = evaluate_test_sets(cfg, index, model, run.ema, loss_fn, device, dtype)
+        log.info("Done. Best %s %s -> %s", cfg.monitor,
+                 "none" if state.best_value is None else f"{state.best_value:.4f} at epoch {state.best_epoch + 1}",
+                 os.path.join(cfg.checkpoint_dir, "best_model.pth"))
+        out = summary(state, finished=True)
+        out["test"] = evaluate_test_sets(cfg, index, model, loss_fn, device, run.stop)
     return out
 
 
@@ -506,13 +521,19 @@ def stop_reason(cfg: Config, epochs_this_run: int, budget: TimeBudget) -> Option
     return None
 
 
-def end_of_epoch(run: Run, stage: Stage, epoch: int, level: int, train_stats: dict, val_loader,
-                 monitor_key: str, higher_is_better: bool, seconds: float) -> None:
-    """Validate, log one line, update the best record, save last/best/periodic and metrics.csv."""
-    cfg, state = run.cfg, run.state
+def validate(run: Run, val_loader) -> Optional[dict]:
+    """Validation metrics ({} without a validation split; None when a stop request cut it short),
+    from the EMA weights when there are some."""
+    if val_loader is None:
+        return {}
     eval_model = run.ema.module if run.ema is not None else run.model
-    val_stats = (evaluate_model(cfg, eval_model, run.loss_fn, val_loader, run.device, run.dtype)
-                 if val_loader is not None else {})
+    return evaluate_model(run.cfg, eval_model, run.loss_fn, val_loader, run.device, run.dtype, stop=run.stop)
+
+
+def end_of_epoch(run: Run, stage: Stage, epoch: int, level: int, train_stats: dict, val_stats: dict,
+                 monitor_key: str, higher_is_better: bool, seconds: float) -> None:
+    """Log one line, update the best record, save last/best/periodic and metrics.csv."""
+    cfg, state = run.cfg, run.state
     state.epoch = epoch
     row = {"epoch": epoch + 1, "stage": stage.index + 1, "unfreeze_level": level, **train_stats,
            **{f"val_{k}": v for k, v in val_stats.items()}}
@@ -551,8 +572,10 @@ def log_model_summary(cfg: Config, model, device) -> None:
              cfg.label_smoothing, cfg.grad_clip)
 
 
-def evaluate_test_sets(cfg: Config, index, model, ema, loss_fn, device, dtype) -> dict:
-    """Score best_model.pth on every test set, kept apart from validation in test_metrics.json."""
+def evaluate_test_sets(cfg: Config, index, model, loss_fn, device, stop: StopRequest) -> dict:
+    """Score best_model.pth on every test set, kept apart from validation in test_metrics.json.
+    In fp32 whatever the training precision, as ``evaluate`` scores it, so the two reports agree.
+    A stop request ends the scoring (training is finished; ``evaluate`` can score it later)."""
     best_path = os.path.join(cfg.checkpoint_dir, "best_model.pth")
     if not index.tests or cfg.val_on_test or not os.path.isfile(best_path):
         return {}
@@ -562,7 +585,14 @@ def evaluate_test_sets(cfg: Config, index, model, ema, loss_fn, device, dtype) -
     results = {}
     for name, samples in index.tests.items():
         loader = make_loader(cfg, samples, cfg.stage2_batch_size_value, train=False)
-        results[name] = evaluate_model(cfg, model, loss_fn, loader, device, dtype, desc=f"test {name}")
+        results[name] = evaluate_model(cfg, model, loss_fn, loader, device, None, desc=f"test {name}",
+                                       stop=stop)
+        if results[name] is None:
+            raise RunInterrupted(
+                f"stopped by {signal.Signals(stop.signum).name} while scoring the test split; training "
+                f"is finished ({best_path}). Score it with: python train_ultimate.py evaluate --checkpoint "
+                f"{best_path}{' --use-ema' if cfg.ema else ''} --dataset-path {cfg.dataset_path}",
+                128 + stop.signum)
     from evaluation import format_table
     log.info("Test split (best_model.pth, epoch %d):\n%s", best["epoch"] + 1, format_table(results))
     with open(os.path.join(cfg.checkpoint_dir, "test_metrics.json"), "w") as f:
