@@ -5,8 +5,8 @@
     python train_ultimate.py schedule --steps-per-epoch 100 --scheduler cosine --warmup-epochs 3
     python train_ultimate.py <command> --help
 
-This file only parses the command line into a ``Config`` and hands it over; a ``UserError`` becomes
-one ``error: ...`` line and exit status 2.
+This file checks that the dependencies import (``deps.py``), parses the command line into a ``Config``
+and hands it over; a ``UserError`` becomes one ``error: ...`` line and exit status 2.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import argparse
 import logging
 import sys
 
+from deps import check_dependencies
 from errors import UserError
 from training.control import RunInterrupted
 
@@ -50,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
     try:
+        check_dependencies()  # before the parser, whose subcommands import torch, timm and pysodmetrics
+        args = build_parser().parse_args(argv)
         if args.command == "train":
             from training.config import config_from_args
             from training.trainer import fit
@@ -78,7 +80,7 @@ def main(argv=None) -> int:
         print(f"interrupted: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        hint = ": last.pth holds the last completed epoch" if args.command == "train" else ""
+        hint = ": last.pth holds the last completed epoch" if argv[:1] == ["train"] else ""
         print(f"interrupted{hint}", file=sys.stderr)
         return 130
 
