@@ -1,7 +1,8 @@
 """``SegDataset``: samples -> normalised tensors of one fixed square size, augmented when training.
 
-Per item: load (``load_image``/``load_mask``) -> resize to ``img_size`` (image bilinear, mask nearest)
--> augment (train only) -> normalise. The mask is exactly {0, 1} at every step.
+Per item: load (``load_image``/``load_mask``) -> resize to ``img_size`` (image bilinear, mask bilinear
+re-binarised at 0.5: ``resize_mask``) -> augment (train only) -> normalise. The mask is exactly {0, 1}
+at every step.
 
 Determinism: each item draws a fresh augmentation seed and reseeds the ``A.Compose`` with it. The
 seed comes from the dataset's own generator once ``reseed(seed)`` has been called (``build_loader``
