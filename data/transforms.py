@@ -32,7 +32,7 @@ class AugConfig:
     hflip: float = 0.5         # probability of a horizontal flip
     vflip: float = 0.0         # probability of a vertical flip
     rotate_deg: float = 15     # rotation drawn from [-rotate_deg, rotate_deg]
-    scale: float = 0.1         # zoom drawn from [1 - scale, 1 + scale]
+    scale: float = 0.1         # zoom drawn from [1 - scale, 1 + scale], the same for x and y
     color_jitter: float = 0.1  # brightness/contrast/saturation in [1 - c, 1 + c], hue +-c/5
     enabled: bool = True
 
@@ -78,6 +78,7 @@ def build_augmentation(cfg: AugConfig | None) -> A.Compose | None:
         ts.append(A.VerticalFlip(p=cfg.vflip))
     if cfg.rotate_deg > 0 or cfg.scale > 0:
         ts.append(A.Affine(rotate=(-cfg.rotate_deg, cfg.rotate_deg), scale=(1 - cfg.scale, 1 + cfg.scale),
+                           keep_ratio=True,  # a zoom: without it x and y scales are drawn separately
                            interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_LINEAR,
                            border_mode=cv2.BORDER_REFLECT_101, p=1.0))
     if cfg.color_jitter > 0:

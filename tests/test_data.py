@@ -28,7 +28,7 @@ from data import (
     split_train_val,
 )
 from data.images import resize_mask
-from data.transforms import resize_pair
+from data.transforms import build_augmentation, resize_pair
 from errors import UserError
 
 KVASIR = "/work/shared/data/kvasir_seg"
@@ -489,3 +489,18 @@ def test_mask_matches_the_object_after_resize_and_augmentation(tmp_path, preset)
         ious.append((obj & mask).sum() / (obj | mask).sum())
     assert min(ious) > 0.95, [round(float(x), 3) for x in ious]
 
+
+def test_zoom_keeps_the_aspect_ratio():
+    """A square's second moments are the same in every direction, whatever the rotation; only a stretch
+    (x and y scaled differently) makes them unequal."""
+    mask = np.zeros((64, 64), np.uint8)
+    mask[20:44, 20:44] = 1
+    t = build_augmentation(aug_preset("strong"))  # zoom 0.8-1.2: a stretch of up to 1.5
+    ratios = []
+    for seed in range(20):
+        t.set_random_seed(seed)
+        obj = t(image=np.dstack([mask * 255] * 3), mask=mask)["mask"] > 0
+        ys, xs = np.nonzero(obj)
+        ev = np.linalg.eigvalsh(np.cov(np.stack([ys, xs]).astype(np.float64)))
+        ratios.append(np.sqrt(ev[1] / ev[0]))
+    assert max(ratios) < 1.04, [round(float(r), 3) for r in ratios]  # 1.35 when x and y were drawn apart
