@@ -411,15 +411,38 @@ def test_kvasir():
     assert 0 < item["mask"].mean() < 1
 
 
-def test_zero_one_png_mask_is_a_label_map_but_jpeg_noise_is_not(tmp_path):
+CONTAINERS = [  # (extension, dtype, foreground value, exact)
+    (".png", np.uint8, 1, True), (".png", np.uint8, 255, True),
+    (".png", np.uint16, 1, True), (".png", np.uint16, 255, True), (".png", np.uint16, 65535, True),
+    (".jpg", np.uint8, 1, False), (".jpg", np.uint8, 255, False),
+]
+
+
+@pytest.mark.parametrize("ext,dtype,value,exact", CONTAINERS)
+def test_masks_binarise_on_their_own_scale(tmp_path, ext, dtype, value, exact):
+    """0/1, 0/255 and 0/65535 masks in 8- and 16-bit PNG and JPEG all give their object (0/1 JPEGs and
+    16-bit 0/1 PNGs used to read as empty masks)."""
+    truth = _ellipse_mask(64, 80, np.random.default_rng(1))
+    got = load_mask(_write(tmp_path / f"m{ext}", truth.astype(dtype) * dtype(value)))
+    assert got.dtype == np.uint8 and set(np.unique(got)) <= {0, 1}
+    if exact:
+        assert np.array_equal(got, truth)
+    else:  # JPEG (quality 95): ringing at the edge
+        assert (got & truth).sum() / (got | truth).sum() > 0.95
+
+
+def test_zero_one_label_maps_and_faint_noise(tmp_path):
     labels = np.zeros((8, 8), np.uint8)
-    labels[2:5, 2:6] = 1
-    cv2.imwrite(str(tmp_path / "m.png"), labels)
-    assert np.array_equal(load_mask(str(tmp_path / "m.png")), labels)
-    cv2.imwrite(str(tmp_path / "m.bmp"), labels)
-    assert np.array_equal(load_mask(str(tmp_path / "m.bmp")), labels)
-    cv2.imwrite(str(tmp_path / "n.jpg"), labels)  # in a JPEG, values of 0-1 are compression noise
-    assert load_mask(str(tmp_path / "n.jpg")).sum() == 0
+    labels[2:4, 2:5] = 1  # a lossless label map is exact, however small its object
+    for ext in (".png", ".bmp"):
+        assert np.array_equal(load_mask(_write(tmp_path / f"m{ext}", labels)), labels)
+    rng = np.random.default_rng(0)
+    speckle = (rng.random((96, 128)) < 0.05) * rng.integers(1, 4, (96, 128))
+    faint = np.clip(np.rint(rng.normal(0.0, 1.0, (96, 128))), 0, 255)  # an empty mask with a noisy background
+    for name, noise in [("speckle", speckle), ("faint", faint)]:
+        path = _write(tmp_path / f"{name}.jpg", noise.astype(np.uint8))
+        assert 1 <= cv2.imread(path, cv2.IMREAD_UNCHANGED).max() <= 7  # read as a 0/1 label map ...
+        assert load_mask(path).sum() == 0  # ... whose speckled foreground is not an object
 
 
 # ---------------------------------------------------------------- mask/image alignment
