@@ -1,7 +1,8 @@
 """Reading images and masks from disk into the two arrays everything else expects.
 
 ``load_image`` -> HxWx3 uint8 RGB and ``load_mask`` -> HxW uint8 in {0, 1}, whatever the file holds
-(grey, RGBA, 16-bit; 0/1, 0/255 or 0/65535 masks, noisy JPEG masks: see ``binarize_mask``). An unreadable file is a ``UserError`` naming the file.
+(grey, RGBA, 16-bit; 0/1, 0/255 or 0/65535 masks, noisy JPEG masks: see ``binarize_mask``).
+An unreadable file is a ``UserError`` naming the file.
 Pixels are read as stored (``IMREAD_UNCHANGED``), so JPEG EXIF orientation is not applied: the
 image keeps the pixel grid its mask was drawn on.
 """
