@@ -1,7 +1,8 @@
 """Datasets: find image/mask pairs, read them, augment them, and load them reproducibly.
 
     index = find_dataset("path/to/COD10K-v3")          # or a SINet-layout folder, or "demo"
-    train, val = split_train_val(index.train, 0.1, seed)   # validation comes from Train, never Test
+    report = scan_samples(index.train, num_workers=4)  # every file read once: report.bad, report.good
+    train, val = split_train_val(report.good, 0.1, seed)   # validation comes from Train, never Test
     loader = build_loader(SegDataset(train, 384, train=True, aug=aug_preset("moderate")),
                           batch_size=8, shuffle=True, num_workers=4, seed=seed)
 """
@@ -11,6 +12,7 @@ from .demo import make_demo_dataset
 from .discovery import DatasetIndex, Sample, find_dataset, split_train_val
 from .images import load_image, load_mask
 from .loader import build_loader
+from .scan import ScanReport, scan_samples
 from .transforms import AUG_PRESETS, AugConfig, aug_preset
 
 __all__ = [
@@ -18,6 +20,7 @@ __all__ = [
     "AugConfig",
     "DatasetIndex",
     "Sample",
+    "ScanReport",
     "SegDataset",
     "aug_preset",
     "build_loader",
@@ -25,5 +28,6 @@ __all__ = [
     "load_image",
     "load_mask",
     "make_demo_dataset",
+    "scan_samples",
     "split_train_val",
 ]

@@ -1,17 +1,19 @@
 """``SegDataset``: samples -> normalised tensors of one fixed square size, augmented when training.
 
-Per item: load (``load_image``/``load_mask``) -> resize to ``img_size`` (image bilinear, mask nearest)
--> augment (train only) -> normalise. The mask is exactly {0, 1} at every step.
+Per item: load (``load_image``/``load_mask``) -> resize to ``img_size`` (image bilinear, mask bilinear
+re-binarised at 0.5: ``resize_mask``) -> augment (train only) -> normalise. The mask is exactly {0, 1}
+at every step.
 
-Determinism: each item draws a fresh augmentation seed and reseeds the ``A.Compose`` with it. The
-seed comes from the dataset's own generator once ``reseed(seed)`` has been called (``build_loader``
-does so from its seeded generator: every epoch in the main process, per worker in worker processes),
-otherwise from torch's global RNG, which PyTorch seeds differently in every DataLoader worker.
+Determinism: each item reseeds the ``A.Compose`` with its own augmentation seed. Once
+``reseed(seed)`` has been called (``build_loader`` does so before every pass, from its seeded
+generator) item ``i`` uses ``mix_seeds(seed, i)``: a function of the pass seed and the index only, so
+it does not matter which worker process reads it, or in which order. Reading the same index twice in
+one pass repeats its augmentation. Before any ``reseed`` the seed comes from torch's global RNG,
+which PyTorch seeds differently in every DataLoader worker.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import numpy as np
@@ -22,6 +24,7 @@ from errors import UserError
 
 from .discovery import Sample
 from .images import load_image, load_mask
+from .loader import mix_seeds
 from .transforms import AugConfig, build_augmentation, normalize, resize_pair
 
 
@@ -38,20 +41,18 @@ class SegDataset(Dataset):
         self.train = bool(train)
         self.aug = (aug if aug is not None else AugConfig()) if train else None
         self._transform = build_augmentation(self.aug)
-        self._rng: np.random.Generator | None = None
-        self._rng_pid = 0  # a forked worker must not replay the parent's generator
+        self._seed: int | None = None
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def reseed(self, seed: int | None) -> None:
-        """Draw augmentation seeds from a generator seeded with ``seed`` (None: from torch's global RNG)."""
-        self._rng = None if seed is None else np.random.default_rng(int(seed) % 2**63)
-        self._rng_pid = os.getpid()
+        """Augment item ``i`` with seed ``mix_seeds(seed, i)`` from now on (None: from torch's global RNG)."""
+        self._seed = None if seed is None else int(seed)
 
-    def _next_seed(self) -> int:
-        if self._rng is not None and self._rng_pid == os.getpid():
-            return int(self._rng.integers(0, 2**31 - 1))
+    def _aug_seed(self, i: int) -> int:
+        if self._seed is not None:
+            return mix_seeds(self._seed, i) % 2**31
         return int(torch.randint(0, 2**31 - 1, ()).item())
 
     def __getitem__(self, i: int) -> dict:
@@ -61,7 +62,7 @@ class SegDataset(Dataset):
         mask = load_mask(s.mask) if s.mask else np.zeros((h, w), np.uint8)
         image, mask = resize_pair(image, mask, self.img_size)
         if self._transform is not None:
-            self._transform.set_random_seed(self._next_seed())
+            self._transform.set_random_seed(self._aug_seed(i))
             out = self._transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
         return {

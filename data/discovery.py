@@ -84,7 +84,8 @@ def _files(folder: str, exts: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def _pairs(img_dir: str, mask_dir: str | None, include_noncam: bool) -> list[Sample]:
+def _pairs(img_dir: str, mask_dir: str | None, include_noncam: bool,
+           allow_missing_masks: bool = False) -> list[Sample]:
     images = _files(img_dir, IMAGE_EXTS)
     if not images:
         raise UserError(f"no images ({', '.join(IMAGE_EXTS)}) in {img_dir}; put the images there or fix --dataset-path")
@@ -93,12 +94,12 @@ def _pairs(img_dir: str, mask_dir: str | None, include_noncam: bool) -> list[Sam
                         f"{os.path.join(os.path.dirname(img_dir), 'GT')}")
     masks = _files(mask_dir, MASK_EXTS)
     missing = [s for s in images if s not in masks]
-    if missing:
+    if missing and not allow_missing_masks:
         shown = ", ".join(os.path.basename(images[s]) for s in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise UserError(f"{len(missing)} image(s) in {img_dir} have no mask of the same name in {mask_dir}: "
                         f"{shown}{more}; add the masks or remove those images")
-    samples = [Sample(images[s], masks[s], s) for s in sorted(images)]
+    samples = [Sample(images[s], masks.get(s), s) for s in sorted(images)]
     if not include_noncam:
         kept = [s for s in samples if "-noncam-" not in s.name.lower()]
         if len(kept) < len(samples):
@@ -111,31 +112,37 @@ def _pairs(img_dir: str, mask_dir: str | None, include_noncam: bool) -> list[Sam
     return samples
 
 
-def _cod10k(root: str, include_noncam: bool, require_train: bool = True) -> DatasetIndex | None:
+def _cod10k(root: str, include_noncam: bool, require_train: bool = True,
+            allow_missing_masks: bool = False) -> DatasetIndex | None:
     train = _subdir(root, _COD_TRAIN)
     img = train and _subdir(train, _COD_IMAGES)
     test = _subdir(root, _COD_TEST)
     test_img = test and _subdir(test, _COD_IMAGES)
     if not img and (require_train or not test_img):
         return None
-    index = DatasetIndex(root, "cod10k", _pairs(img, _subdir(train, _COD_MASKS), include_noncam) if img else [])
+    index = DatasetIndex(root, "cod10k",
+                         _pairs(img, _subdir(train, _COD_MASKS), include_noncam, allow_missing_masks) if img else [])
     if test_img:
-        index.tests[COD10K_TEST_NAME] = _pairs(test_img, _subdir(test, _COD_MASKS), include_noncam)
+        index.tests[COD10K_TEST_NAME] = _pairs(test_img, _subdir(test, _COD_MASKS), include_noncam,
+                                               allow_missing_masks)
     return index
 
 
-def _sinet(root: str, include_noncam: bool, layout: str = "sinet", require_train: bool = True) -> DatasetIndex | None:
+def _sinet(root: str, include_noncam: bool, layout: str = "sinet", require_train: bool = True,
+           allow_missing_masks: bool = False) -> DatasetIndex | None:
     train = _subdir(root, _SINET_TRAIN)
     img = train and _subdir(train, _SINET_IMAGES)
     test_root = _subdir(root, _SINET_TEST)
     if not img and (require_train or not test_root):
         return None
-    index = DatasetIndex(root, layout, _pairs(img, _subdir(train, _SINET_MASKS), include_noncam) if img else [])
+    index = DatasetIndex(root, layout,
+                         _pairs(img, _subdir(train, _SINET_MASKS), include_noncam, allow_missing_masks) if img else [])
     if test_root:
         for entry in sorted(os.scandir(test_root), key=lambda e: e.name):
             test_img = entry.is_dir() and _subdir(entry.path, _SINET_IMAGES)
             if test_img:
-                index.tests[entry.name] = _pairs(test_img, _subdir(entry.path, _SINET_MASKS), include_noncam)
+                index.tests[entry.name] = _pairs(test_img, _subdir(entry.path, _SINET_MASKS), include_noncam,
+                                                 allow_missing_masks)
     return index
 
 
@@ -145,20 +152,22 @@ def _layout_help(root: str) -> str:
 
 
 def find_dataset(root: str, include_noncam: bool = False, cache_dir: str | None = None,
-                 seed: int = 0, require_train: bool = True) -> DatasetIndex:
+                 seed: int = 0, require_train: bool = True, allow_missing_masks: bool = False) -> DatasetIndex:
     """Index the image/mask pairs under ``root`` (or generate and index the demo data if ``root`` is 'demo').
 
     ``cache_dir`` and ``seed`` only matter for 'demo': the data is generated once into
     ``<cache_dir>/demo-<seed>-<size>`` (``cache_dir`` defaults to ``~/.cache/cod_ultimate``) and reused.
     ``require_train=False`` (evaluation) also accepts a root that holds only test sets (``Test/`` or
-    ``TestDataset/``); its ``train`` list is then empty.
+    ``TestDataset/``); its ``train`` list is then empty. An image without a mask of the same name is an
+    error, unless ``allow_missing_masks``: it is then a ``Sample`` with ``mask=None``, for
+    ``data.scan.scan_samples`` to report (``SegDataset`` would read it as an empty mask).
     """
     if str(root).strip().lower() == "demo":
         from .demo import DEMO_SIZE, make_demo_dataset
 
         parent = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "cod_ultimate")
         demo_root = make_demo_dataset(os.path.join(parent, f"demo-{seed}-{DEMO_SIZE}"), size=DEMO_SIZE, seed=seed)
-        index = _sinet(demo_root, include_noncam=True, layout="demo")
+        index = _sinet(demo_root, include_noncam=True, layout="demo", allow_missing_masks=allow_missing_masks)
         assert index is not None and DEMO_TEST_NAME in index.tests, demo_root
         log.info(index.summary())
         return index
@@ -171,8 +180,8 @@ def find_dataset(root: str, include_noncam: bool = False, cache_dir: str | None 
     if parent_of_cod:
         candidates.append(parent_of_cod)
     for folder in candidates:
-        index = (_cod10k(folder, include_noncam, require_train=require_train)
-                 or _sinet(folder, include_noncam, require_train=require_train))
+        index = (_cod10k(folder, include_noncam, require_train, allow_missing_masks)
+                 or _sinet(folder, include_noncam, "sinet", require_train, allow_missing_masks))
         if index is not None and (index.train or index.tests):
             log.info(index.summary())
             return index

@@ -1,16 +1,18 @@
 """``build_loader``: a DataLoader whose order *and* augmentation follow from one seed.
 
-One ``torch.Generator`` seeded with ``seed`` drives everything:
-- the shuffle order (the sampler draws from it);
-- with ``num_workers > 0``: PyTorch seeds worker ``k`` with ``base_seed + k``, ``base_seed`` drawn from
-  the generator; ``worker_init_fn`` reseeds numpy, ``random`` and the dataset's augmentation from it;
-- with ``num_workers == 0``: every ``iter(loader)`` draws a seed from the generator and reseeds the
-  dataset's augmentation in the main process (torch's global RNG is left alone).
+One ``torch.Generator`` seeded with ``seed`` drives everything. Every ``iter(loader)`` draws, in this
+order and whatever ``num_workers`` is:
+- a pass seed, given to the dataset (``reseed``) before any worker starts: ``SegDataset`` augments
+  item ``i`` with ``mix_seeds(pass_seed, i)``, whichever process reads it;
+- PyTorch's ``base_seed`` (worker ``k`` gets ``base_seed + k``; ``worker_init_fn`` seeds numpy and
+  ``random`` from it, which the augmentation does not use);
+- the shuffle order (the sampler draws from it).
 
-So two loaders built with the same seed and ``num_workers`` yield identical batches, epoch after
-epoch (different ``num_workers`` give different, equally valid, augmentations). ``set_epoch(e)``
-re-seeds the generator from ``(seed, e)``, making epoch ``e`` a function of the epoch number alone
-(what a resumed run needs); without it epochs simply follow one another from the initial seed.
+So two loaders built with the same seed yield identical batches, epoch after epoch, for any
+``num_workers`` (0, 1, 2 are compared in tests/test_data.py); torch's global RNG is never used.
+``set_epoch(e)`` re-seeds the generator from ``(seed, e)``, making epoch ``e`` a function of the
+epoch number alone (what a resumed run needs); without it epochs simply follow one another from the
+initial seed.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ import signal
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 
 
-def _mix(*values: int) -> int:
+def mix_seeds(*values: int) -> int:
+    """A well-mixed 64-bit seed from a few integers (numpy's SeedSequence)."""
     return int(np.random.SeedSequence([int(v) % 2**64 for v in values]).generate_state(1, np.uint64)[0])
 
 
@@ -33,14 +36,14 @@ def reseed_dataset(dataset: Dataset, seed: int) -> None:
         dataset.reseed(seed)
     elif hasattr(dataset, "datasets"):  # ConcatDataset
         for k, d in enumerate(dataset.datasets):
-            reseed_dataset(d, _mix(seed, k))
+            reseed_dataset(d, mix_seeds(seed, k))
     elif hasattr(dataset, "dataset"):  # Subset
         reseed_dataset(dataset.dataset, seed)
 
 
 def seed_worker(worker_id: int) -> None:
-    """worker_init_fn: ignore SIGINT/SIGTERM, and seed numpy, random and the augmentation from the
-    worker's torch seed.
+    """worker_init_fn: ignore SIGINT/SIGTERM, and seed numpy and random from the worker's torch seed
+    (the dataset's augmentation seed came with the dataset, set before the workers started).
 
     ``timeout``, Ctrl-C in a terminal, ``docker stop`` and a notebook's stop signal the whole process
     group. The main process handles the signal (it finishes the optimizer step, which may need more
@@ -51,9 +54,6 @@ def seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed()  # base_seed + worker_id, base_seed drawn from the loader's generator
     np.random.seed(seed % 2**32)
     random.seed(seed)
-    info = get_worker_info()
-    if info is not None:
-        reseed_dataset(info.dataset, seed)
 
 
 class SeededDataLoader(DataLoader):
@@ -65,17 +65,19 @@ class SeededDataLoader(DataLoader):
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next pass's order and augmentation a function of ``(seed, epoch)`` only."""
-        self.generator.manual_seed(_mix(self.seed, epoch))
+        self.generator.manual_seed(mix_seeds(self.seed, epoch))
 
     def __iter__(self):
-        if self.num_workers == 0:
-            reseed_dataset(self.dataset, int(torch.randint(0, 2**62, (), generator=self.generator).item()))
+        # Before super().__iter__() starts the workers, which take a copy of the dataset with this seed.
+        reseed_dataset(self.dataset, int(torch.randint(0, 2**62, (), generator=self.generator).item()))
         return super().__iter__()
 
 
 def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int,
                  drop_last: bool = False) -> SeededDataLoader:
-    """A reproducible DataLoader: the same ``seed`` gives the same batches, for any ``num_workers``."""
+    """A reproducible DataLoader: the same ``seed`` gives the same batches, for any ``num_workers``.
+
+    ``persistent_workers`` stays False: workers that outlived a pass would keep the old pass seed."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
     if num_workers < 0:
@@ -91,6 +93,6 @@ def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: 
         pin_memory=torch.cuda.is_available(),
         worker_init_fn=seed_worker,
         generator=generator,
-        persistent_workers=False,  # fresh workers each pass, seeded from the generator (set_epoch works)
+        persistent_workers=False,  # fresh workers each pass, with that pass's dataset seed
         seed=seed,
     )

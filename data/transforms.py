@@ -1,9 +1,11 @@
 """Training augmentation (albumentations) and its presets.
 
-Images reach these transforms already resized to ``img_size`` (bilinear) with their masks (nearest),
-so augmentation runs on small arrays. Geometric transforms use nearest neighbour for the mask, so a
-mask stays exactly {0, 1} (LESSONS 9). Randomness comes only from the ``A.Compose`` generator, which
-``SegDataset`` reseeds for every sample from torch's RNG (see ``data/dataset.py``).
+Images reach these transforms already resized to ``img_size`` with their masks (``resize_pair``), so
+augmentation runs on small arrays. Geometric transforms warp the uint8 {0, 1} mask bilinearly, like
+the image, and OpenCV rounds the result back to {0, 1}: the mask is re-binarised at 0.5 and stays on
+its object (LESSONS 9; nearest neighbour would jitter its edge by up to half a pixel). Randomness
+comes only from the ``A.Compose`` generator, which ``SegDataset`` reseeds for every sample from
+torch's RNG (see ``data/dataset.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import cv2
 import numpy as np
 
 from errors import UserError
+
+from .images import resize_mask
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network version check at import
 import albumentations as A  # noqa: E402
@@ -28,7 +32,7 @@ class AugConfig:
     hflip: float = 0.5         # probability of a horizontal flip
     vflip: float = 0.0         # probability of a vertical flip
     rotate_deg: float = 15     # rotation drawn from [-rotate_deg, rotate_deg]
-    scale: float = 0.1         # zoom drawn from [1 - scale, 1 + scale]
+    scale: float = 0.1         # zoom drawn from [1 - scale, 1 + scale], the same for x and y
     color_jitter: float = 0.1  # brightness/contrast/saturation in [1 - c, 1 + c], hue +-c/5
     enabled: bool = True
 
@@ -74,22 +78,25 @@ def build_augmentation(cfg: AugConfig | None) -> A.Compose | None:
         ts.append(A.VerticalFlip(p=cfg.vflip))
     if cfg.rotate_deg > 0 or cfg.scale > 0:
         ts.append(A.Affine(rotate=(-cfg.rotate_deg, cfg.rotate_deg), scale=(1 - cfg.scale, 1 + cfg.scale),
-                           interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST,
+                           keep_ratio=True,  # a zoom: without it x and y scales are drawn separately
+                           interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_LINEAR,
                            border_mode=cv2.BORDER_REFLECT_101, p=1.0))
     if cfg.color_jitter > 0:
         c = cfg.color_jitter
         ts.append(A.ColorJitter(brightness=c, contrast=c, saturation=c, hue=c / 5, p=0.8))
     if not ts:
         return None
-    return A.Compose(ts, mask_interpolation=cv2.INTER_NEAREST, seed=0)
+    # Compose's mask_interpolation overrides the transforms' own; uint8 {0, 1} in, {0, 1} out (rounded).
+    return A.Compose(ts, mask_interpolation=cv2.INTER_LINEAR, seed=0)
 
 
 def resize_pair(image: np.ndarray, mask: np.ndarray | None, size: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """Resize to ``size`` x ``size``: the image bilinear, the mask nearest neighbour (never bilinear)."""
+    """Resize to ``size`` x ``size``: the image bilinear, the {0, 1} mask with ``resize_mask`` (bilinear,
+    then >= 0.5), so the mask stays on its object."""
     if image.shape[:2] != (size, size):
         image = cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR)
-    if mask is not None and mask.shape[:2] != (size, size):
-        mask = cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST)
+    if mask is not None:
+        mask = resize_mask(mask, (size, size))
     return image, mask
 
 

@@ -27,6 +27,8 @@ from data import (
     make_demo_dataset,
     split_train_val,
 )
+from data.images import resize_mask
+from data.transforms import build_augmentation, resize_pair
 from errors import UserError
 
 KVASIR = "/work/shared/data/kvasir_seg"
@@ -245,7 +247,7 @@ def test_eval_dataset_is_plain_resize(tmp_path):
     img = item["image"] * std[:, None, None] + mean[:, None, None]
     expect = cv2.resize(load_image(samples[3].image), (40, 40), interpolation=cv2.INTER_LINEAR)
     assert torch.allclose(img, torch.from_numpy(expect).permute(2, 0, 1).float() / 255, atol=1e-5)
-    mask = cv2.resize(load_mask(samples[3].mask), (40, 40), interpolation=cv2.INTER_NEAREST)
+    mask = resize_mask(load_mask(samples[3].mask), (40, 40))
     assert torch.equal(item["mask"][0], torch.from_numpy(mask).float())
 
 
@@ -325,12 +327,15 @@ def test_loader_is_deterministic(tmp_path):
     assert torch.equal(first, torch.cat([x["image"] for x in loader]))  # epoch 5 depends on (seed, 5) only
 
 
-def test_loader_with_workers_is_deterministic(tmp_path):
+def test_loader_gives_the_same_batches_for_any_num_workers(tmp_path):
     ds = SegDataset(_odd_samples(tmp_path) * 2, 32, train=True, aug=aug_preset("strong"))
-    a, b = _epochs(ds, 7, num_workers=2, n=1), _epochs(ds, 7, num_workers=2, n=1)
-    assert torch.equal(a[0][0], b[0][0]) and a[0][1] == b[0][1]
-    imgs = a[0][0]
-    # workers must not repeat each other's augmentation: all 8 augmented images differ
+    main = _epochs(ds, 7, num_workers=0)
+    for workers in (1, 2):
+        got = _epochs(ds, 7, num_workers=workers)
+        for (xa, na), (xb, nb) in zip(main, got):
+            assert na == nb and torch.equal(xa, xb), workers
+    imgs = main[0][0]
+    # no two items share an augmentation (the 8 items are 4 files twice): all 8 images differ
     assert len({tuple(x.flatten()[:64].tolist()) for x in imgs}) == len(imgs)
 
 
@@ -406,12 +411,122 @@ def test_kvasir():
     assert 0 < item["mask"].mean() < 1
 
 
-def test_zero_one_png_mask_is_a_label_map_but_jpeg_noise_is_not(tmp_path):
+CONTAINERS = [  # (extension, dtype, foreground value, exact)
+    (".png", np.uint8, 1, True), (".png", np.uint8, 255, True),
+    (".png", np.uint16, 1, True), (".png", np.uint16, 255, True), (".png", np.uint16, 65535, True),
+    (".jpg", np.uint8, 1, False), (".jpg", np.uint8, 255, False),
+]
+
+
+@pytest.mark.parametrize("ext,dtype,value,exact", CONTAINERS)
+def test_masks_binarise_on_their_own_scale(tmp_path, ext, dtype, value, exact):
+    """0/1, 0/255 and 0/65535 masks in 8- and 16-bit PNG and JPEG all give their object (0/1 JPEGs and
+    16-bit 0/1 PNGs used to read as empty masks)."""
+    truth = _ellipse_mask(64, 80, np.random.default_rng(1))
+    got = load_mask(_write(tmp_path / f"m{ext}", truth.astype(dtype) * dtype(value)))
+    assert got.dtype == np.uint8 and set(np.unique(got)) <= {0, 1}
+    if exact:
+        assert np.array_equal(got, truth)
+    else:  # JPEG (quality 95): ringing at the edge
+        assert (got & truth).sum() / (got | truth).sum() > 0.95
+
+
+def test_zero_one_label_maps_and_faint_noise(tmp_path):
     labels = np.zeros((8, 8), np.uint8)
-    labels[2:5, 2:6] = 1
-    cv2.imwrite(str(tmp_path / "m.png"), labels)
-    assert np.array_equal(load_mask(str(tmp_path / "m.png")), labels)
-    cv2.imwrite(str(tmp_path / "m.bmp"), labels)
-    assert np.array_equal(load_mask(str(tmp_path / "m.bmp")), labels)
-    cv2.imwrite(str(tmp_path / "n.jpg"), labels)  # in a JPEG, values of 0-1 are compression noise
-    assert load_mask(str(tmp_path / "n.jpg")).sum() == 0
+    labels[2:4, 2:5] = 1  # a lossless label map is exact, however small its object
+    for ext in (".png", ".bmp"):
+        assert np.array_equal(load_mask(_write(tmp_path / f"m{ext}", labels)), labels)
+    rng = np.random.default_rng(0)
+    speckle = (rng.random((96, 128)) < 0.05) * rng.integers(1, 4, (96, 128))
+    faint = np.clip(np.rint(rng.normal(0.0, 1.0, (96, 128))), 0, 255)  # an empty mask with a noisy background
+    for name, noise in [("speckle", speckle), ("faint", faint)]:
+        path = _write(tmp_path / f"{name}.jpg", noise.astype(np.uint8))
+        assert 1 <= cv2.imread(path, cv2.IMREAD_UNCHANGED).max() <= 7  # read as a 0/1 label map ...
+        assert load_mask(path).sum() == 0  # ... whose speckled foreground is not an object
+
+
+# ---------------------------------------------------------------- mask/image alignment
+
+def _centroid(a):
+    w = a.astype(np.float64)
+    ys, xs = np.mgrid[0:a.shape[0], 0:a.shape[1]]
+    return np.array([(w * ys).sum(), (w * xs).sum()]) / w.sum()
+
+
+def _ellipse_mask(h, w, rng, span=(0.15, 0.3)):
+    """A 0/1 HxW mask of a randomly placed, sized and turned ellipse (sub-pixel centre and axes)."""
+    m = np.zeros((h, w), np.uint8)
+    centre = (int(rng.uniform(0.35, 0.65) * w * 16), int(rng.uniform(0.35, 0.65) * h * 16))
+    axes = (int(rng.uniform(*span) * w * 16), int(rng.uniform(*span) * h * 16))
+    cv2.ellipse(m, centre, axes, rng.uniform(0, 180), 0, 360, 1, -1, cv2.LINE_8, 4)
+    return m
+
+
+@pytest.mark.parametrize("src,size", [((120, 150), 96), ((700, 1024), 96), ((768, 1024), 384)])
+def test_resized_mask_stays_centred_on_its_object(src, size):
+    """The resized mask's centroid is the resized image's object centroid (nearest neighbour was off by
+    +0.25..+0.5 px: it samples at floor(x * scale), the bilinear image at pixel centres)."""
+    h, w = src
+    rng = np.random.default_rng(0)
+    offsets = []
+    for _ in range(20):
+        m = _ellipse_mask(h, w, rng)
+        image, mask = resize_pair(np.dstack([m * 200] * 3).astype(np.uint8), m, size)
+        assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
+        offsets.append(_centroid(mask) - _centroid(image[:, :, 0]))
+    assert np.abs(np.mean(offsets, axis=0)).max() <= 0.05, np.mean(offsets, axis=0)
+
+
+def _coloured_shape(seed):
+    """A saturated ellipse on a grey (chroma 0) smooth random texture, of random size, and its 0/255 mask."""
+    rng = np.random.default_rng(seed)
+    h, w = rng.integers(90, 220, 2)
+    grey = cv2.GaussianBlur(rng.uniform(60.0, 180.0, (h, w)), (0, 0), 3)
+    mask = _ellipse_mask(h, w, rng, span=(0.12, 0.25))
+    hsv = np.uint8([[[rng.integers(0, 180), 170, 190]]])
+    colour = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0].astype(np.float64)
+    image = np.where(mask[..., None] > 0, colour, grey[..., None])
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8), mask * 255
+
+
+def _object_by_colour(image):
+    """The pixels whose chroma (max - min channel) exceeds half the object's: the grey background has none,
+    and blending, brightness, contrast, saturation and hue changes keep the object's edge at half chroma."""
+    chroma = image.max(axis=2) - image.min(axis=2)
+    return chroma > 0.5 * np.percentile(chroma, 99)
+
+
+@pytest.mark.parametrize("preset", ["none", "light", "moderate", "strong"])
+def test_mask_matches_the_object_after_resize_and_augmentation(tmp_path, preset):
+    samples = []
+    for seed in range(20):
+        image, mask = _coloured_shape(seed)
+        samples.append(Sample(_write(tmp_path / f"{seed}.png", image[:, :, ::-1]),
+                              _write(tmp_path / f"{seed}_m.png", mask), str(seed)))
+    ds = SegDataset(samples, 64, train=True, aug=aug_preset(preset))
+    ds.reseed(0)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    ious = []
+    for item in ds:
+        if len(ious) == len(ds):
+            break
+        rgb = (item["image"] * std[:, None, None] + mean[:, None, None]).permute(1, 2, 0).numpy()
+        obj, mask = _object_by_colour(rgb), item["mask"][0].numpy() > 0.5
+        ious.append((obj & mask).sum() / (obj | mask).sum())
+    assert min(ious) > 0.95, [round(float(x), 3) for x in ious]
+
+
+def test_zoom_keeps_the_aspect_ratio():
+    """A square's second moments are the same in every direction, whatever the rotation; only a stretch
+    (x and y scaled differently) makes them unequal."""
+    mask = np.zeros((64, 64), np.uint8)
+    mask[20:44, 20:44] = 1
+    t = build_augmentation(aug_preset("strong"))  # zoom 0.8-1.2: a stretch of up to 1.5
+    ratios = []
+    for seed in range(20):
+        t.set_random_seed(seed)
+        obj = t(image=np.dstack([mask * 255] * 3), mask=mask)["mask"] > 0
+        ys, xs = np.nonzero(obj)
+        ev = np.linalg.eigvalsh(np.cov(np.stack([ys, xs]).astype(np.float64)))
+        ratios.append(np.sqrt(ev[1] / ev[0]))
+    assert max(ratios) < 1.04, [round(float(r), 3) for r in ratios]  # 1.35 when x and y were drawn apart
