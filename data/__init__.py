@@ -9,19 +9,21 @@
 
 from .dataset import SegDataset
 from .demo import make_demo_dataset
-from .discovery import DatasetIndex, Sample, find_dataset, split_train_val
+from .discovery import DEFAULT_SEED, DatasetIndex, Sample, find_dataset, split_train_val
 from .images import load_image, load_mask
-from .loader import build_loader
+from .loader import ShardSampler, build_loader
 from .scan import ScanReport, scan_samples
 from .transforms import AUG_PRESETS, AugConfig, aug_preset
 
 __all__ = [
+    "DEFAULT_SEED",
     "AUG_PRESETS",
     "AugConfig",
     "DatasetIndex",
     "Sample",
     "ScanReport",
     "SegDataset",
+    "ShardSampler",
     "aug_preset",
     "build_loader",
     "find_dataset",

@@ -37,6 +37,7 @@ _SINET_IMAGES = ("imgs", "images", "image", "img")
 _SINET_MASKS = ("gt", "gts", "gt_object", "masks", "mask")
 _COD_PARENT = ("cod10k-v3", "cod10k")
 DEMO_TEST_NAME = "demo"
+DEFAULT_SEED = 42  # train's --seed: the validation split and the demo data follow from it
 COD10K_TEST_NAME = "COD10K"
 
 

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import random
 import signal
+from typing import Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 def mix_seeds(*values: int) -> int:
@@ -66,6 +67,8 @@ class SeededDataLoader(DataLoader):
     def set_epoch(self, epoch: int) -> None:
         """Make the next pass's order and augmentation a function of ``(seed, epoch)`` only."""
         self.generator.manual_seed(mix_seeds(self.seed, epoch))
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
 
     def __iter__(self):
         # Before super().__iter__() starts the workers, which take a copy of the dataset with this seed.
@@ -73,9 +76,25 @@ class SeededDataLoader(DataLoader):
         return super().__iter__()
 
 
+class ShardSampler(Sampler):
+    """Indices ``rank, rank + world, ...`` in order: each process of a DDP run scores its own images
+    and every image exactly once (``DistributedSampler`` pads with repeats instead)."""
+
+    def __init__(self, size: int, rank: int, world_size: int):
+        self.indices = list(range(rank, size, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int,
-                 drop_last: bool = False) -> SeededDataLoader:
+                 drop_last: bool = False, sampler: Optional[Sampler] = None) -> SeededDataLoader:
     """A reproducible DataLoader: the same ``seed`` gives the same batches, for any ``num_workers``.
+    A ``sampler`` (DDP: ``DistributedSampler`` or ``ShardSampler``) replaces ``shuffle``; its
+    ``set_epoch`` is called with the loader's.
 
     ``persistent_workers`` stays False: workers that outlived a pass would keep the old pass seed."""
     if batch_size < 1:
@@ -87,7 +106,8 @@ def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: 
     return SeededDataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
         num_workers=num_workers,
         drop_last=drop_last,
         pin_memory=torch.cuda.is_available(),

@@ -5,8 +5,8 @@
 
 Each test image is resized to the model's square size (bilinear) and normalised exactly as in
 training, the model's probabilities (optionally averaged with those of the mirrored image, ``tta``
-'flip') are scored by ``SegMetrics`` against the mask at its *own* resolution, as
-``training.trainer.evaluate_model`` does (without a loss). One table, ``eval_results.csv`` and
+'flip') are scored by ``Scorer`` against the mask at its *own* resolution, as
+validation does (``evaluation.scorer.Scorer``, the same code). One table, ``eval_results.csv`` and
 ``eval_results.json`` come out.
 """
 
@@ -17,7 +17,7 @@ import json
 import logging
 import os
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -27,10 +27,11 @@ from tqdm.auto import tqdm
 import data as cod_data
 from data.transforms import normalize, resize_pair
 from errors import UserError
-from evaluation.metrics import METRIC_KEYS, SegMetrics, format_table
-from models import build_model
-from training import checkpoint as ckpt
-from training.config import AMP_MODES, Config
+from evaluation.metrics import DEFAULT_THRESHOLD, METRIC_KEYS, format_table
+from evaluation.scorer import Scorer
+from models import DEFAULT_IMG_SIZE, ModelSpec, build_model, check_img_size
+from training import state as ckpt
+from training.runtime import AMP_MODES, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +66,8 @@ class InferenceOptions:
             raise UserError(f"--num-workers must be >= 0 (got {self.num_workers})")
         if self.amp is not None and self.amp not in AMP_MODES:
             raise UserError(f"--amp {self.amp!r}: choose one of {', '.join(AMP_MODES)}")
-        size = self.overrides.get("img_size")
-        if size is not None and size < 32:
-            raise UserError(f"--img-size must be >= 32 (got {size})")
+        if self.overrides.get("img_size") is not None:
+            check_img_size(self.overrides["img_size"])
 
 
 @dataclass
@@ -91,7 +91,7 @@ def load_for_inference(checkpoint_path: str, use_ema: bool, device, overrides: O
     """Build the model a checkpoint was trained as and load its weights, in eval mode on ``device``.
 
     A full checkpoint carries its ``config``; a bare state_dict (or ``{'state_dict': ...}``) needs at
-    least ``overrides['backbone']``; whatever neither gives defaults to ``Config``'s value.
+    least ``overrides['backbone']``; whatever neither gives takes train's default.
     ``overrides`` values that are not None replace the checkpoint's. ``use_ema`` loads
     ``obj['ema']['module']`` when the file has it (a warning and the normal weights when not).
 
@@ -101,8 +101,8 @@ def load_for_inference(checkpoint_path: str, use_ema: bool, device, overrides: O
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     obj = ckpt.load(checkpoint_path)
     saved = obj.get("config") if isinstance(obj.get("config"), dict) else None
-    defaults = Config()
-    cfg = {k: getattr(defaults, k) for k in (*MODEL_FIELDS, "threshold", "amp", "seed")}
+    cfg = {**asdict(ModelSpec()), "img_size": DEFAULT_IMG_SIZE, "threshold": DEFAULT_THRESHOLD,
+           "seed": cod_data.DEFAULT_SEED}
     if saved is None:
         if "backbone" not in overrides:
             raise UserError(f"{checkpoint_path} holds bare weights without a config: pass --backbone "
@@ -145,11 +145,9 @@ def load_model(opts: InferenceOptions):
     """``(model, cfg, device, dtype)`` for ``opts``: the model on its device, and the autocast dtype
     (None = fp32). Reported metrics are computed in fp32 unless ``--amp`` asks otherwise: bf16 moves
     them by up to 6e-4 (S-measure, H100), more than the differences people compare runs by."""
-    from training.trainer import amp_dtype, resolve_device  # the functions train uses
-
-    device = resolve_device(opts.device)
-    model, cfg = load_for_inference(opts.checkpoint, opts.use_ema, device, opts.overrides)
-    return model, cfg, device, amp_dtype(opts.amp or "off", device)
+    rt = Runtime(opts.device, opts.amp or "off")  # the device and precision rules train uses
+    model, cfg = load_for_inference(opts.checkpoint, opts.use_ema, rt.device, opts.overrides)
+    return model, cfg, rt.device, rt.dtype
 
 
 @torch.no_grad()
@@ -214,10 +212,10 @@ def iterate_probs(model, paths: Sequence[str], opts: InferenceOptions, img_size:
 def evaluate_samples(model, samples: Sequence[cod_data.Sample], opts: InferenceOptions, cfg: dict, device, dtype,
                      desc: str = "eval") -> dict:
     """``METRIC_KEYS`` of one test set, each image scored at its mask's own resolution."""
-    metrics = SegMetrics(threshold=cfg["threshold"])
+    scorer = Scorer(threshold=cfg["threshold"])
     for i, prob, _ in iterate_probs(model, [s.image for s in samples], opts, cfg["img_size"], device, dtype, desc):
-        metrics.step(prob, cod_data.load_mask(samples[i].mask))
-    return metrics.results()
+        scorer.add([prob], [samples[i].mask])
+    return scorer.results()
 
 
 def evaluate_checkpoint(opts: EvalOptions) -> dict:

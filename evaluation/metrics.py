@@ -38,6 +38,8 @@ HEADERS = {
     "loss": "Loss",
 }
 
+DEFAULT_THRESHOLD = 0.5  # IoU/Dice: foreground where prob > 0.5 (train's --threshold default)
+
 # beta^2 of the F-measure, the field's choice (Achanta et al. 2009); PySODMetrics' default too.
 FMEASURE_BETA2 = 0.3
 
@@ -126,7 +128,7 @@ class SegMetrics:
     ``dice`` binarise the raw probability at ``prob > threshold`` (see ``binary_iou_dice``).
     """
 
-    def __init__(self, threshold: float = 0.5):
+    def __init__(self, threshold: float = DEFAULT_THRESHOLD):
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {threshold}")
         self.threshold = float(threshold)
@@ -158,6 +160,40 @@ class SegMetrics:
         iou, dice = binary_iou_dice(prob > self.threshold, gt_mask)
         self._ious.append(iou)
         self._dices.append(dice)
+
+    # ---- merging the images scored by several processes (DDP validation) ----------------------
+    def _accumulators(self) -> list[list]:
+        """Every per-image list this object and PySODMetrics' objects append to, in a fixed order
+        (found by walking their attributes, so a PySODMetrics release that adds one is covered)."""
+        found: list[list] = []
+
+        def walk(obj, depth=0):
+            for _, value in sorted(vars(obj).items()):
+                if isinstance(value, list):
+                    found.append(value)
+                elif isinstance(value, dict) and depth < 3:
+                    for _, v in sorted(value.items()):
+                        if hasattr(v, "__dict__"):
+                            walk(v, depth + 1)
+                elif hasattr(value, "__dict__") and type(value).__module__.startswith("py_sod_metrics") \
+                        and depth < 3:
+                    walk(value, depth + 1)
+
+        for metric in (self._sm, self._wfm, self._em, self._mae, self._fm):
+            walk(metric)
+        return [*found, self._ious, self._dices]
+
+    def state(self) -> list[list]:
+        """The per-image values scored so far (picklable), for ``extend`` in another process."""
+        return [list(acc) for acc in self._accumulators()]
+
+    def extend(self, state: list[list]) -> None:
+        """Add the images another ``SegMetrics`` scored (its ``state()``), as if scored here."""
+        accs = self._accumulators()
+        if len(accs) != len(state):
+            raise ValueError("SegMetrics.extend: a state from another PySODMetrics version")
+        for acc, values in zip(accs, state):
+            acc.extend(values)
 
     def results(self) -> dict[str, float]:
         if not len(self):

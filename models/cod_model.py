@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from errors import UserError
 
 from .decoder import Decoder
 from .encoder import Encoder
+from .spec import ModelSpec
 
 NUM_SIDE_HEADS = 3
 
@@ -119,16 +119,7 @@ class CODModel(nn.Module):
 def build_model(backbone: str = "edgenext_base", num_experts: int = 4, moe_top_k: int = 2,
                 deep_supervision: bool = False, pretrained: bool = True, pretrained_path: str | None = None,
                 drop_path: float = 0.0, dropout: float = 0.0, decoder_channels: int = 64) -> CODModel:
-    if num_experts < 0:
-        raise UserError(f"--num-experts {num_experts}: must be >= 0 (0 or 1 = no mixture of experts)")
-    if moe_top_k < 1:
-        raise UserError(f"--moe-top-k {moe_top_k}: must be >= 1 (it is capped at --num-experts)")
-    if decoder_channels < 1:
-        raise UserError(f"--decoder-channels {decoder_channels}: must be >= 1 (e.g. 64)")
-    if not 0.0 <= drop_path < 1.0:
-        raise UserError(f"--drop-path {drop_path}: must be in [0, 1), e.g. 0.1")
-    if not 0.0 <= dropout < 1.0:
-        raise UserError(f"--dropout {dropout}: must be in [0, 1), e.g. 0.1")
+    ModelSpec(backbone, num_experts, moe_top_k, deep_supervision, decoder_channels, drop_path, dropout).validate()
     encoder = Encoder(backbone, pretrained=pretrained, pretrained_path=pretrained_path, drop_path=drop_path)
     decoder = Decoder(encoder.channels, decoder_channels, num_experts, moe_top_k)
     heads = Heads(decoder_channels, deep_supervision, dropout)

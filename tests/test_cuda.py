@@ -12,8 +12,8 @@ import torch
 
 import train_ultimate
 from data import make_demo_dataset
-from training import checkpoint as ckpt
-from training import trainer
+from training import state as ckpt
+from training import loop, trainer
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
@@ -35,7 +35,7 @@ def train(root, out, *extra):
 
 
 def sigterm_at_update(monkeypatch, n):
-    real, calls = trainer.optimizer_step, [0]
+    real, calls = loop.optimizer_step, [0]
 
     def step(*args, **kwargs):
         real(*args, **kwargs)
@@ -43,7 +43,7 @@ def sigterm_at_update(monkeypatch, n):
         if calls[0] == n:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(trainer, "optimizer_step", step)
+    monkeypatch.setattr(loop, "optimizer_step", step)
 
 
 def capture_run(monkeypatch):
@@ -60,9 +60,9 @@ def capture_run(monkeypatch):
 
 def assert_on(run, device: str):
     want = torch.device(device).type
-    assert {p.device.type for p in run.model.parameters()} == {want}
-    assert {p.device.type for p in run.ema.module.parameters()} == {want}
-    for state in run.optimizer.state.values():
+    assert {p.device.type for p in run.net.parameters()} == {want}
+    assert {p.device.type for p in run.state.ema.module.parameters()} == {want}
+    for state in run.state.optimizer.state.values():
         for name, t in state.items():
             if torch.is_tensor(t) and name != "step":  # AdamW keeps its step count on the CPU
                 assert t.device.type == want, name
@@ -108,8 +108,8 @@ def test_mixed_precision_trains_and_resumes_mid_epoch(root, tmp_path, monkeypatc
     seen = capture_run(monkeypatch)
     assert train(root, out, "--amp", amp, "--resume-from", last) == 0
     run = seen[0]
-    assert run.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    assert (run.scaler is not None) == (amp == "fp16")
+    assert run.rt.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    assert (run.state.scaler is not None) == (amp == "fp16")
     assert_on(run, "cuda")
     final = ckpt.load(last)
     assert final["epoch"] == 2 and final["partial"] is None

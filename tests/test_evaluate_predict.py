@@ -25,7 +25,7 @@ from evaluation import METRIC_KEYS, SegMetrics
 from evaluation.cli import add_evaluate_arguments, add_predict_arguments, run_evaluate, run_predict
 from evaluation.evaluate import predict_probs
 from models import build_model
-from training import checkpoint as ckpt
+from training import state as ckpt
 
 # The numbers here are checked against an fp32 CPU path done by hand, so the commands run on the CPU
 # too (fp32 by construction); tests/test_cuda.py covers the CUDA paths with their own tolerances.

@@ -36,7 +36,12 @@ def test_output_shapes_all_variants(backbone):
             assert torch.isfinite(out["main"]).all()
 
 
-@pytest.mark.parametrize("num_experts", [0, 1])
+def test_num_experts_rule_is_the_flags_rule():
+    with pytest.raises(UserError, match=r"--num-experts must be >= 1, 1 = no mixture of experts"):
+        tiny(num_experts=0)
+
+
+@pytest.mark.parametrize("num_experts", [1])
 def test_without_experts_plain_block_and_zero_aux(num_experts):
     model = tiny(num_experts=num_experts)
     out = model(torch.randn(2, 3, 40, 56))

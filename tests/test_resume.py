@@ -11,8 +11,8 @@ import torch
 import schedulers
 import train_ultimate
 from data import make_demo_dataset
-from training import checkpoint as ckpt
-from training import trainer
+from training import state as ckpt
+from training import loop, trainer
 
 # accumulation 2 with 3 batches (a partial last group), warm-up, progressive unfreeze, deep
 # supervision, EMA, dropout and drop-path (so the RNG state matters), 4 epochs over both stages
@@ -64,7 +64,7 @@ def test_four_single_epoch_pieces_equal_one_straight_run(root, straight, tmp_pat
 def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_exactly(root, straight, tmp_path, monkeypatch,
                                                                   capsys):
     out = str(tmp_path / "killed")
-    real_step = trainer.optimizer_step
+    real_step = loop.optimizer_step
     calls = {"n": 0}
 
     def step_then_sigterm(*args, **kwargs):
@@ -73,14 +73,14 @@ def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_exactly(root, straigh
         if calls["n"] == 3:  # first update of epoch 2 (2 updates per epoch)
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(trainer, "optimizer_step", step_then_sigterm)
+    monkeypatch.setattr(loop, "optimizer_step", step_then_sigterm)
     args = ["train", "--dataset-path", root, "--checkpoint-dir", out, *FLAGS]
     assert train_ultimate.main(args) == 128 + signal.SIGTERM
     err = capsys.readouterr().err
     assert "SIGTERM" in err and "--resume-from" in err
     saved = ckpt.load(os.path.join(out, "last.pth"))
     assert saved["epoch"] == 0 and saved["partial"]["epoch"] == 1 and saved["partial"]["batches"] == 2
-    monkeypatch.setattr(trainer, "optimizer_step", real_step)
+    monkeypatch.setattr(loop, "optimizer_step", real_step)
     assert train_ultimate.main([*args, "--resume-from", os.path.join(out, "last.pth")]) == 0
     assert_same_run(straight, out)
 

@@ -20,7 +20,7 @@ import torch
 import data
 import train_ultimate
 from data import make_demo_dataset
-from training import checkpoint as ckpt
+from training import state as ckpt
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,10 +33,10 @@ FLAGS = ["--backbone", "edgenext_xx_small", "--no-pretrained", "--img-size", "64
 DRIVER = """
 import os, sys, time
 sys.path.insert(0, {repo!r})
-from training import trainer
+from training import loop
 import train_ultimate
 
-real_step, marker, updates = trainer.optimizer_step, os.environ.get("SIGNAL_MARKER"), [0]
+real_step, marker, updates = loop.optimizer_step, os.environ.get("SIGNAL_MARKER"), [0]
 
 def step(*args, **kwargs):
     real_step(*args, **kwargs)
@@ -45,7 +45,7 @@ def step(*args, **kwargs):
         open(marker, "w").close()
         time.sleep(float(os.environ.get("SIGNAL_SLEEP", "4")))  # the test signals the group now
 
-trainer.optimizer_step = step
+loop.optimizer_step = step
 sys.exit(train_ultimate.main(sys.argv[1:]))
 """
 

@@ -10,7 +10,7 @@ import torch
 
 import train_ultimate
 from data import make_demo_dataset
-from training import checkpoint as ckpt
+from training import state as ckpt
 
 TINY = ["--backbone", "edgenext_xx_small", "--no-pretrained", "--img-size", "64", "--num-workers", "0",
         "--no-progress", "--num-experts", "3", "--batch-size", "4"]

@@ -14,10 +14,13 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
+from data.discovery import DEFAULT_SEED
 from errors import UserError
+from evaluation.metrics import DEFAULT_THRESHOLD
+from models.spec import DEFAULT_IMG_SIZE, ModelSpec, check_img_size
+from training.runtime import AMP_MODES
 
 SCHEDULERS = ("onecycle", "cosine", "cosine_restart", "none")
-AMP_MODES = ("auto", "off", "fp16", "bf16")
 AUG_PRESETS = ("none", "light", "moderate", "strong")
 MONITOR_CHOICES = ("iou", "dice", "sm", "wfm", "em", "mae", "loss")
 RESUME_SCHEDULES = ("auto", "continue", "restart")
@@ -38,7 +41,7 @@ class Config:
     # data
     dataset_path: str = "demo"
     checkpoint_dir: str = "checkpoints"
-    img_size: int = 384
+    img_size: int = DEFAULT_IMG_SIZE
     val_split: float = 0.1
     val_on_test: bool = False
     include_noncam: bool = False
@@ -46,15 +49,15 @@ class Config:
     num_workers: int = 4
     limit_batches: Optional[int] = None
     # model
-    backbone: str = "edgenext_base"
+    backbone: str = ModelSpec.backbone
     pretrained: bool = True
     pretrained_path: Optional[str] = None
-    num_experts: int = 4
-    moe_top_k: int = 2
-    deep_supervision: bool = False
-    decoder_channels: int = 64
-    drop_path: float = 0.0
-    dropout: float = 0.0
+    num_experts: int = ModelSpec.num_experts
+    moe_top_k: int = ModelSpec.moe_top_k
+    deep_supervision: bool = ModelSpec.deep_supervision
+    decoder_channels: int = ModelSpec.decoder_channels
+    drop_path: float = ModelSpec.drop_path
+    dropout: float = ModelSpec.dropout
     # loss
     bce_weight: float = 1.0
     iou_weight: float = 1.0
@@ -97,8 +100,8 @@ class Config:
     run_epochs: Optional[int] = None
     time_limit: Optional[str] = None
     device: str = "auto"
-    seed: int = 42
-    threshold: float = 0.5
+    seed: int = DEFAULT_SEED
+    threshold: float = DEFAULT_THRESHOLD
     progress: bool = True
 
     # ---- derived values (never stored separately, so they cannot disagree with the flags) ----
@@ -113,6 +116,11 @@ class Config:
     @property
     def stage2_epochs(self) -> int:
         return self.epochs - self.stage1_epochs
+
+    @property
+    def model_spec(self) -> ModelSpec:
+        return ModelSpec(self.backbone, self.num_experts, self.moe_top_k, self.deep_supervision,
+                         self.decoder_channels, self.drop_path, self.dropout)
 
     @property
     def time_limit_s(self) -> Optional[float]:
@@ -141,7 +149,8 @@ class Config:
         need(self.epochs >= 1, f"--epochs must be >= 1 (got {self.epochs})")
         need(0 <= self.stage1_epochs <= self.epochs,
              f"--stage1-epochs must be between 0 and --epochs ({self.epochs}), got {self.stage1_epochs}")
-        need(self.img_size >= 32, f"--img-size must be >= 32 (got {self.img_size})")
+        check_img_size(self.img_size)
+        self.model_spec.validate()
         need(self.batch_size >= 1, f"--batch-size must be >= 1 (got {self.batch_size})")
         need(self.stage2_batch_size_value >= 1,
              f"--stage2-batch-size must be >= 1 (got {self.stage2_batch_size})")
@@ -165,10 +174,6 @@ class Config:
         need(self.num_workers >= 0, f"--num-workers must be >= 0 (got {self.num_workers})")
         need(self.limit_batches is None or self.limit_batches >= 1,
              f"--limit-batches must be >= 1 (got {self.limit_batches})")
-        need(self.num_experts >= 1, f"--num-experts must be >= 1 (got {self.num_experts})")
-        need(self.moe_top_k >= 1, f"--moe-top-k must be >= 1 (got {self.moe_top_k})")
-        need(0.0 <= self.drop_path < 1.0, f"--drop-path must be in [0, 1) (got {self.drop_path})")
-        need(0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1) (got {self.dropout})")
         need(0.0 <= self.label_smoothing < 1.0,
              f"--label-smoothing must be in [0, 1) (got {self.label_smoothing})")
         need(len(self.ds_weights) == 3, f"--ds-weights takes three numbers (got {list(self.ds_weights)})")

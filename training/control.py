@@ -41,6 +41,14 @@ class StopRequest:
         log.info("%s received: finishing the current optimizer step, then saving last.pth",
                  signal.Signals(signum).name)
 
+    def agree(self, rt, flag: Optional[bool] = None) -> bool:
+        """Whether the run stops here, the same answer on every process (``rt.any``): one process's
+        signal stops them all at the same step. ``flag`` defaults to this process's request."""
+        stop = rt.any(self.requested if flag is None else flag)
+        if stop and self.signum is None:
+            self.signum = int(signal.SIGTERM)  # another process was signalled
+        return stop
+
     def __enter__(self):
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
@@ -63,9 +71,11 @@ class TimeBudget:
         self.limit_s = limit_s
         self.start = time.time() if start is None else start
         self.longest = 0.0
+        self.epochs = 0  # epochs finished in this invocation
 
     def record(self, epoch_seconds: float) -> None:
         self.longest = max(self.longest, epoch_seconds)
+        self.epochs += 1
 
     def allows_another(self) -> bool:
         if self.limit_s is None or self.longest == 0.0:

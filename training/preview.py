@@ -20,7 +20,7 @@ def preview_schedule(cfg: Config, steps_per_epoch: Optional[int] = None, out: Op
     Steps per epoch are counted from ``--dataset-path`` exactly as ``train`` counts them (same
     validation split, batch sizes, accumulation and ``--limit-batches``), unless given directly.
     """
-    from training.trainer import load_data, make_lr_plan  # the very functions train uses
+    from training.setup import load_data, make_lr_plan  # the very functions train uses
 
     restart_at = None
     if cfg.resume_from:  # what a resume would do: the same decision train makes

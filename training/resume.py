@@ -14,7 +14,7 @@ import shutil
 import time
 from typing import Optional
 
-from training import checkpoint as ckpt
+from training import state as ckpt
 from training.config import Config
 
 log = logging.getLogger("cod")
@@ -69,3 +69,28 @@ def archive_abandoned_history(metrics_csv: str, keep_through_epoch: int) -> Opti
     log.info("Resume: metrics.csv went on to epoch %d; kept as %s before rewriting from epoch %d",
              max(epochs), backup, keep_through_epoch + 1)
     return backup
+
+
+def resume_run(run) -> None:
+    """Restore what ``--resume-from`` holds into ``run`` (a ``training.loop.Run``) and decide the
+    schedule. A weights-only file starts a fresh schedule from those weights."""
+    cfg, c = run.cfg, run.counters
+    obj = ckpt.load(cfg.resume_from)
+    if not ckpt.is_full_checkpoint(obj):
+        ckpt.load_model_weights(run.net, ckpt.model_state_of(obj), cfg.resume_from)
+        log.info("Resume: %s holds weights only: training starts from them with a fresh schedule",
+                 cfg.resume_from)
+        if run.state.ema is not None:
+            run.state.ema.module.load_state_dict(run.net.state_dict())
+        return
+    run.state.load_state_dict(obj, cfg.resume_from, run.rt.rank, run.rt.world_size)
+    next_epoch = c.partial["epoch"] if c.partial else c.epoch + 1
+    c.restart_at, why = decide_schedule(cfg, obj.get("config", {}), next_epoch, obj.get("restart_at"))
+    if c.partial and c.restart_at == next_epoch:
+        c.partial = None  # a fresh schedule starts at an epoch boundary: redo the cut-short epoch
+    log.info("Resume: %s after epoch %d%s (stage %s); best %s so far: %s; %s", cfg.resume_from,
+             c.epoch + 1, f" + {c.partial['batches']} batches" if c.partial else "", obj.get("stage"),
+             cfg.monitor, "none" if c.best_value is None else f"{c.best_value:.4f} at epoch {c.best_epoch + 1}",
+             why)
+    if run.rt.is_main:
+        archive_abandoned_history(os.path.join(cfg.checkpoint_dir, "metrics.csv"), c.epoch + 1)

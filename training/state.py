@@ -1,12 +1,16 @@
-"""Checkpoints that survive interruption and load with ``torch.load(weights_only=True)``.
+"""The run's state as one plain dict, and checkpoints of it that survive interruption.
 
-A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (no pickled classes):
+``RunState.state_dict()`` is what a checkpoint holds, a plain dict of tensors, numbers, strings, lists
+and dicts (no pickled classes), so ``torch.load(weights_only=True)`` reads it:
 
     format_version, model, ema, optimizer, scaler, epoch (last completed, 0-based), stage,
-    global_step, unfreeze_level, best {metric, value, epoch}, history [rows], rng {...}, config {...}
+    global_step, unfreeze_level, best {metric, value, epoch}, bad_epochs, history [rows], restart_at,
+    partial, rng {...}, rng_ranks [...], world_size, config {...}
 
-``save`` writes a temporary file in the same folder, fsyncs it and ``os.replace``s it over the
-target, so a kill at any moment leaves either the old file or the new one, never half of one.
+``RunState.load_state_dict(obj)`` puts it back onto the run's device: resuming from a file and rolling
+back to a state kept in memory are the same call. ``save`` writes a temporary file in the same
+folder, fsyncs it and ``os.replace``s it over the target, so a kill at any moment leaves either the
+old file or the new one, never half of one.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import logging
 import os
 import random
 import tempfile
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -152,3 +157,92 @@ def _to_tuple(x):
     if isinstance(x, list):
         return tuple(_to_tuple(v) for v in x)
     return x
+
+
+# ---- the run's state ----------------------------------------------------------------------------
+
+@dataclass
+class Counters:
+    """The numbers a checkpoint restores; everything else is derived from them."""
+    epoch: int = -1                 # last completed epoch (0-based); -1 = none yet
+    global_step: int = 0            # optimizer updates so far, all stages
+    best_value: Optional[float] = None
+    best_epoch: Optional[int] = None
+    history: list = field(default_factory=list)
+    bad_epochs: int = 0             # epochs without improvement (early stopping)
+    restart_at: Optional[int] = None  # epoch where a plateau-breaking resume restarted the schedule
+    partial: Optional[dict] = None    # an epoch cut short by a stop request: how far it got
+
+
+@dataclass
+class RunState:
+    """Model (unwrapped), EMA, optimizer, scaler and counters: what a checkpoint saves and restores."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: Optional[torch.amp.GradScaler]
+    ema: Any  # training.ema.ModelEma or None
+    config: dict
+    monitor: str
+    counters: Counters = field(default_factory=Counters)
+
+    def state_dict(self, stage: int, unfreeze_level: int, rng_ranks: Optional[list] = None) -> dict:
+        c = self.counters
+        return {
+            "format_version": FORMAT_VERSION,
+            "model": unwrap(self.model).state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "epoch": c.epoch,
+            "stage": stage,
+            "global_step": c.global_step,
+            "unfreeze_level": unfreeze_level,
+            "best": {"metric": self.monitor, "value": c.best_value, "epoch": c.best_epoch},
+            "bad_epochs": c.bad_epochs,
+            "history": [dict(r) for r in c.history],
+            "restart_at": c.restart_at,
+            "partial": c.partial,
+            "rng": rng_state(),
+            "rng_ranks": rng_ranks,
+            "world_size": len(rng_ranks) if rng_ranks else 1,
+            "config": dict(self.config),
+        }
+
+    def load_state_dict(self, obj: dict, path: str = "<memory>", rank: int = 0, world_size: int = 1) -> None:
+        """Restore a full checkpoint (see ``is_full_checkpoint``) onto the run's device. Tensors come
+        back wherever the model, EMA and optimizer live, whichever device wrote them."""
+        load_model_weights(self.model, model_state_of(obj), path)
+        c = self.counters
+        c.epoch, c.global_step = int(obj["epoch"]), int(obj["global_step"])
+        c.history = [dict(r) for r in obj.get("history", []) if r["epoch"] <= c.epoch + 1]
+        c.partial = obj.get("partial")
+        if c.partial and int(obj.get("world_size", 1)) != world_size:
+            log.info("Resume: %s stopped inside epoch %d on %d processes, this run has %d: the epoch "
+                     "is trained again from its start", path, c.partial["epoch"] + 1,
+                     int(obj.get("world_size", 1)), world_size)
+            c.partial = None
+        if obj["best"].get("metric") == self.monitor:
+            c.best_value, c.best_epoch = obj["best"]["value"], obj["best"]["epoch"]
+            c.bad_epochs = int(obj.get("bad_epochs", 0))
+        else:
+            c.best_value, c.best_epoch, c.bad_epochs = None, None, 0
+            log.info("Resume: --monitor changed from %s to %s: the best-model record starts anew",
+                     obj["best"].get("metric"), self.monitor)
+        c.restart_at = obj.get("restart_at")
+        try:
+            self.optimizer.load_state_dict(obj["optimizer"])  # moves the moments to the params' device
+        except (ValueError, KeyError):
+            log.info("Resume: the optimizer state does not fit this model: fresh optimizer moments")
+        if self.scaler is not None and obj.get("scaler"):
+            self.scaler.load_state_dict(obj["scaler"])
+        elif self.scaler is not None or obj.get("scaler"):
+            log.info("Resume: the checkpoint was trained %s fp16 loss scaling and this run %s: the loss "
+                     "scale starts afresh", "with" if obj.get("scaler") else "without",
+                     "uses it" if self.scaler is not None else "does not (CPU, bf16 or --amp off)")
+        if self.ema is not None:
+            if obj.get("ema"):
+                self.ema.load_state_dict(obj["ema"])
+            else:
+                self.ema.module.load_state_dict(unwrap(self.model).state_dict())
+        ranks = obj.get("rng_ranks")
+        set_rng_state(ranks[rank] if ranks and len(ranks) == world_size else obj.get("rng"))

@@ -1,0 +1,168 @@
+"""Multi-process training through torch.distributed (gloo on the CPU), as torchrun runs it.
+
+- one optimizer step on 2 processes x 2 images (one image per micro-batch, accumulation 2, so DDP's
+  ``no_sync`` is used) equals one step on 1 process x 4 images, and leaves identical weights on both;
+- validation over 2 processes (each its own shard) equals validation in 1;
+- ``torchrun --nproc_per_node 2 train_ultimate.py train ...`` runs both stages with progressive
+  unfreeze, writes each epoch once, and its checkpoint resumes in a single process;
+- SIGTERM to one process stops both at the same step, with one ``last.pth``.
+"""
+
+import csv
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from data import make_demo_dataset
+from tests.test_signals import DRIVER
+from training import loop, state as ckpt, trainer
+from training.config import Config
+from training.runtime import DistributedRuntime, Runtime
+from training.setup import load_data, make_loader, seed_everything
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--backbone", "edgenext_xx_small", "--no-pretrained", "--img-size", "64", "--device", "cpu",
+        "--num-workers", "0", "--no-progress", "--num-experts", "3"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dist_env(rank: int, world: int, port: int) -> dict:
+    return {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return make_demo_dataset(str(tmp_path_factory.mktemp("ddp_demo")), n_train=24, n_test=2, size=64, seed=5)
+
+
+# ---- the step and validation, process by process -----------------------------------------------
+
+def step_and_validate(rt: Runtime, root: str) -> dict:
+    """Validate the initial model, then one stage-2 optimizer step over the same 4 images: this
+    process takes its share, one image per micro-batch."""
+    torch.set_num_threads(1)
+    cfg = Config(dataset_path=root, backbone="edgenext_xx_small", pretrained=False, img_size=64,
+                 num_experts=3, moe_aux_weight=0.0, num_workers=0, progress=False, aug="none",
+                 device="cpu", amp="off", val_split=0.3, accumulation_steps=2).validate()
+    seed_everything(0)
+    run = trainer.build_run(cfg, rt)
+    _, _, val = load_data(cfg)
+    metrics = loop.validate(cfg, rt, run.net, run.loss_fn, make_loader(cfg, rt, val, 2, train=False))
+
+    run.net.set_backbone_trainable(run.net.num_backbone_stages + 1)
+    run.model = rt.wrap(run.net)
+    run.model.train()
+    gen = torch.Generator().manual_seed(1)
+    images, masks = torch.randn(4, 3, 64, 64, generator=gen), (torch.rand(4, 1, 64, 64, generator=gen) > 0.5).float()
+    mine = range(rt.rank * 4 // rt.world_size, (rt.rank + 1) * 4 // rt.world_size)
+    for j, i in enumerate(mine):
+        with rt.accumulating(run.model, sync=j == len(mine) - 1):
+            loss, _ = run.loss_fn(run.model(images[i:i + 1]), masks[i:i + 1])
+            rt.backward(loss / len(mine))
+    grads = {n: p.grad.clone() for n, p in run.net.named_parameters() if p.grad is not None}
+    loop.optimizer_step(run)
+    return {"val": metrics, "grads": grads, "weights": {k: v.clone() for k, v in run.net.state_dict().items()}}
+
+
+def _rank_main(rank: int, world: int, port: int, root: str, out: str) -> None:
+    os.environ.update(dist_env(rank, world, port))
+    rt = DistributedRuntime("cpu", "off")
+    try:
+        torch.save(step_and_validate(rt, root), os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        rt.close()
+
+
+def test_two_processes_step_and_validate_like_one(root, tmp_path):
+    mp.spawn(_rank_main, args=(2, free_port(), root, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    single = step_and_validate(Runtime("cpu", "off"), root)
+
+    for key, value in ranks[0]["weights"].items():  # DDP: the same update on every process
+        assert torch.equal(value, ranks[1]["weights"][key]), key
+    assert single["grads"].keys() == ranks[0]["grads"].keys()
+    for name, g in single["grads"].items():  # the reduced gradient of 2 x 2 images is that of 4
+        torch.testing.assert_close(ranks[0]["grads"][name], g, rtol=1e-4, atol=1e-7, msg=name)
+    for key, value in single["weights"].items():
+        torch.testing.assert_close(ranks[0]["weights"][key], value, rtol=0, atol=1e-6, msg=key)
+    assert ranks[0]["val"] == ranks[1]["val"]  # both processes hold the merged result
+    assert ranks[0]["val"].keys() == single["val"].keys()
+    for key, value in single["val"].items():
+        assert ranks[0]["val"][key] == pytest.approx(value, abs=1e-6), key
+
+
+# ---- the command line under torchrun -------------------------------------------------------------
+
+def rows(folder):
+    with open(os.path.join(folder, "metrics.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def test_torchrun_trains_both_stages_and_resumes_in_one_process(root, tmp_path):
+    out = str(tmp_path / "ddp")
+    args = ["train", "--dataset-path", root, "--checkpoint-dir", out, *TINY, "--epochs", "3",
+            "--stage1-epochs", "1", "--progressive-unfreeze", "--unfreeze-interval", "1", "--limit-batches", "3",
+            "--batch-size", "2", "--accumulation-steps", "2", "--ema"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "train_ultimate.py", *args]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text
+    assert "world size 2" in text and "= 8 images per optimizer step" in text
+    assert text.count("Epoch 2/3") == 1  # one process logs
+    got = rows(out)
+    assert [r["epoch"] for r in got] == ["1", "2", "3"]
+    assert [r["unfreeze_level"] for r in got] == ["0", "1", "2"]
+    saved = ckpt.load(os.path.join(out, "last.pth"))
+    assert saved["world_size"] == 2 and len(saved["rng_ranks"]) == 2
+    # the same checkpoint goes on in one process
+    import train_ultimate
+    assert train_ultimate.main([*args, "--epochs", "4", "--resume-from", os.path.join(out, "last.pth"),
+                                "--resume-schedule", "continue"]) == 0
+    got = rows(out)
+    assert [r["epoch"] for r in got] == ["1", "2", "3", "4"]
+    assert [r["unfreeze_level"] for r in got][-1] == "3"
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(root, tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.format(repo=REPO))
+    out, marker, port = str(tmp_path / "killed"), str(tmp_path / "marker"), free_port()
+    args = [sys.executable, str(driver), "train", "--dataset-path", root, "--checkpoint-dir", out, *TINY,
+            "--epochs", "2", "--stage1-epochs", "1", "--limit-batches", "3", "--batch-size", "2"]
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, **dist_env(rank, 2, port), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        env.pop("SIGNAL_MARKER", None)
+        if rank == 1:
+            env["SIGNAL_MARKER"] = marker  # rank 1 waits in its first update for the signal
+        procs.append(subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, start_new_session=True))
+    t0 = time.time()
+    while not os.path.exists(marker):
+        assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+        assert time.time() - t0 < 120
+        time.sleep(0.05)
+    os.killpg(procs[1].pid, signal.SIGTERM)
+    results = [p.communicate(timeout=120) for p in procs]
+    texts = [o + e for o, e in results]
+    assert [p.returncode for p in procs] == [143, 143], texts
+    assert all("Traceback" not in t for t in texts), texts
+    saved = ckpt.load(os.path.join(out, "last.pth"))
+    assert saved["partial"] == {**saved["partial"], "epoch": 0, "batches": 1}  # both after update 1
+    assert saved["global_step"] == 1
+    assert [f for f in os.listdir(out) if f.endswith(".pth")] == ["last.pth"]

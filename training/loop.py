@@ -1,0 +1,177 @@
+"""One epoch of training and one pass of validation. The recipe only; names of loss terms and
+metrics come from the loss and the scorer, devices and processes from the runtime.
+
+    fetch batch -> forward under autocast -> loss / accumulation -> backward
+    -> (every N micro-batches) clip, step, zero, EMA, count -> (a stop request?) -> log
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+import schedulers
+from errors import UserError
+from evaluation.scorer import Scorer
+from training.config import Config
+from training.control import StopRequest
+from training.runtime import Runtime
+from training.stages import Stage, steps_per_epoch
+from training.state import Counters, RunState
+
+
+class TrainingDiverged(UserError):
+    pass
+
+
+@dataclass
+class Run:
+    """What one training run holds; the loop's functions take this instead of a dozen arguments."""
+    cfg: Config
+    rt: Runtime
+    state: RunState           # model (unwrapped), optimizer, scaler, EMA, counters
+    loss_fn: torch.nn.Module
+    stop: StopRequest
+    model: Optional[torch.nn.Module] = None  # what the loop calls: rt.wrap(state.model)
+
+    @property
+    def net(self) -> torch.nn.Module:
+        return self.state.model
+
+    @property
+    def counters(self) -> Counters:
+        return self.state.counters
+
+    def eval_model(self) -> torch.nn.Module:
+        """The weights validation scores: the EMA's when there is one."""
+        return self.state.ema.module if self.state.ema is not None else self.state.model
+
+
+def optimizer_step(run: Run) -> None:
+    run.rt.step(run.state.optimizer, run.net, run.cfg.grad_clip)
+    if run.state.ema is not None:
+        run.state.ema.update(run.net)
+    run.counters.global_step += 1
+
+
+def mean_over_processes(rt: Runtime, values):
+    """``values`` (a number, None, or lists and dicts of them) averaged over the processes."""
+    if rt.world_size == 1:
+        return values
+    return _mean(rt.gather(values))
+
+
+def _mean(items: list):
+    first = items[0]
+    if isinstance(first, dict):
+        return {k: _mean([it[k] for it in items]) for k in first}
+    if isinstance(first, list):
+        return [_mean([it[j] for it in items]) for j in range(len(first))]
+    return None if first is None else sum(items) / len(items)
+
+
+def train_one_epoch(run: Run, loader, stage_plan, stage: Stage, epoch: int,
+                    partial: Optional[dict] = None) -> tuple[Optional[dict], dict]:
+    """Train one epoch. Returns ``(stats, progress)``: ``progress`` says how far the epoch got (the
+    ``partial`` a checkpoint saves, so that a resume finishes the epoch), ``stats`` is None when a
+    stop request cut the epoch short.
+
+    A resumed ``partial`` epoch replays the data order from the start, loading but not training the
+    batches that were done, so the rest of the epoch sees exactly the batches it would have. The
+    accumulators come back onto the run's device, whichever device wrote the checkpoint."""
+    cfg, rt, accum = run.cfg, run.rt, run.cfg.accumulation_steps
+    run.model.train()
+    n_batches = min(len(loader), cfg.limit_batches or len(loader))
+    spe = steps_per_epoch(n_batches, accum)
+    assert spe == stage_plan.steps_per_epoch, (spe, stage_plan.steps_per_epoch)  # one clock for both
+    k0 = (epoch - stage.schedule_start) * spe
+    done = partial["batches"] if partial else 0
+    sums = {k: torch.tensor(v, device=rt.device) for k, v in partial["sums"].items()} if partial else {}
+    usage = (torch.tensor(partial["usage"], device=rt.device)
+             if partial and partial.get("usage") is not None else None)
+    head_lr = stage_plan.lr_at(k0 + max(done - 1, 0) // accum)
+
+    def progress(batches: int) -> dict:
+        means = mean_over_processes(rt, {"sums": {k: float(v) for k, v in sums.items()},
+                                         "usage": None if usage is None else usage.tolist()})
+        return {"epoch": epoch, "batches": batches, **means}
+
+    bar = tqdm(total=n_batches, initial=done, desc=f"Epoch {epoch + 1}/{cfg.epochs} {stage.name}",
+               leave=False, disable=not (cfg.progress and rt.is_main), dynamic_ncols=True, mininterval=1.0)
+    run.state.optimizer.zero_grad(set_to_none=True)
+    for i, batch in enumerate(loader if done < n_batches else ()):
+        if i >= n_batches:
+            break
+        if i < done:
+            continue
+        group = i // accum
+        group_size = min(accum, n_batches - group * accum)
+        if i % accum == 0:
+            head_lr = stage_plan.lr_at(k0 + group)
+            schedulers.apply_lr(run.state.optimizer, head_lr)
+        image = batch["image"].to(rt.device, non_blocking=True)
+        mask = batch["mask"].to(rt.device, non_blocking=True)
+        last_micro = (i + 1) % accum == 0 or i + 1 == n_batches
+        with rt.accumulating(run.model, sync=last_micro):
+            with rt.autocast():
+                outputs = run.model(image)
+                loss, terms = run.loss_fn(outputs, mask)
+            rt.backward(loss / group_size)
+        for name, value in {"loss": loss.detach(), **terms}.items():
+            sums[name] = sums.get(name, 0.0) + value.float()
+        u = outputs.get("expert_usage")
+        if u is not None and u.numel() > 0:
+            usage = u.float() if usage is None else usage + u.float()
+        bar.update(1)
+        if cfg.progress and rt.is_main and (i % 20 == 0 or i + 1 == n_batches):  # the only host syncs
+            bar.set_postfix(loss=f"{sums['loss'].item() / (i + 1):.4f}", lr=f"{head_lr:.2e}")
+        if last_micro:
+            optimizer_step(run)
+            if i + 1 < n_batches and run.stop.agree(rt):
+                bar.close()
+                return None, progress(i + 1)
+    bar.close()
+    final = progress(n_batches)
+    out = {"lr": head_lr, **{f"train_{k}": v / n_batches for k, v in final["sums"].items()}}
+    for e, total in enumerate(final["usage"] or []):
+        out[f"expert{e}_usage"] = total / n_batches
+    if not math.isfinite(out["train_loss"]):
+        raise TrainingDiverged(
+            f"training loss became {out['train_loss']} in epoch {epoch + 1}; last.pth keeps the last "
+            "good epoch: resume from it with a lower --lr/--stage2-lr or more --warmup-epochs")
+    return out, final
+
+
+@torch.no_grad()
+def validate(cfg: Config, rt: Runtime, model, loss_fn, loader, stop: Optional[StopRequest] = None,
+             desc: str = "val", fp32: bool = False) -> Optional[dict]:
+    """Loss at the training size and the scorer's metrics at each ground truth's own resolution, over
+    this process's shard of the images merged with the others'. None when a stop was requested (a
+    signal: save and exit quickly). ``fp32``: whatever the training precision (the reported
+    test-split numbers)."""
+    model.eval()
+    scorer = Scorer(threshold=cfg.threshold)
+    loss_sum, seen, stopped = 0.0, 0, False
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not (cfg.progress and rt.is_main),
+                      dynamic_ncols=True, mininterval=1.0):
+        if stop is not None and stop.requested:
+            stopped = True
+            break
+        image = batch["image"].to(rt.device)
+        mask = batch["mask"].to(rt.device)
+        with nullcontext() if fp32 else rt.autocast():
+            outputs = model(image)
+            loss, _ = loss_fn(outputs, mask)
+        loss_sum += loss.float().item() * image.shape[0]
+        seen += image.shape[0]
+        scorer.add(torch.sigmoid(outputs["main"].float()), batch["mask_path"])
+    if stop is not None and stop.agree(rt, stopped):
+        return None
+    totals = mean_over_processes(rt, {"loss_sum": loss_sum, "seen": seen})
+    metrics = scorer.results(rt)
+    return {"loss": totals["loss_sum"] / max(totals["seen"], 1e-9), **(metrics or {})}

@@ -1,0 +1,78 @@
+"""What a run writes for people: the per-epoch line, ``metrics.csv`` and ``train.log``.
+
+``metrics.csv`` takes its columns from the rows themselves (the loss's terms, the scorer's metrics,
+each expert's usage), so a new loss term or metric shows up without a change here. The epoch line
+keeps the users' guides' layout: ``Epoch N/M [stage]: Loss | IoU | Dice | Sm | Val loss | LR``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from training.config import Config
+
+log = logging.getLogger("cod")
+
+# (label, row key) of the epoch line, after the training loss; keys missing from a row are left out
+EPOCH_LINE = (("IoU", "val_iou"), ("Dice", "val_dice"), ("Sm", "val_sm"), ("Val loss", "val_loss"))
+
+
+def format_lr(lr: float) -> str:
+    """The users' fixed-point format, switching to exponent form where it would print 0.000000."""
+    return f"{lr:.6f}" if lr >= 1e-5 or lr == 0 else f"{lr:.2e}"
+
+
+def format_epoch_line(row: dict, cfg: Config) -> str:
+    head = f"Epoch {row['epoch']}/{cfg.epochs}"
+    has_val = any(key in row for _, key in EPOCH_LINE)
+    parts = [f"Loss: {row['train_loss']:.4f}"]
+    parts += [f"{label}: {row[key]:.4f}" for label, key in EPOCH_LINE if key in row]
+    parts.append(f"LR: {format_lr(row['lr'])}")
+    return f"{head} [{row['stage']}]: " + " | ".join(parts) if has_val else f"{head}: " + " | ".join(parts)
+
+
+def write_metrics_csv(history: list, path: str) -> None:
+    """Rewritten whole from the history each epoch (atomically), so a resume never duplicates rows."""
+    columns: list[str] = []
+    for row in history:
+        columns += [k for k in row if k not in columns]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(",".join(columns) + "\n")
+        for row in history:
+            f.write(",".join(_fmt(row.get(c, "")) for c in columns) + "\n")
+    os.replace(tmp, path)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def setup_logging(folder: str, is_main: bool) -> None:
+    """``train.log`` in ``folder`` for the main process; the other processes of a DDP run only
+    report warnings, so that every line is printed once."""
+    root = logging.getLogger("cod")
+    if not is_main:
+        logging.getLogger().setLevel(logging.WARNING)  # the data and model modules' loggers too
+        root.setLevel(logging.WARNING)
+        return
+    path = os.path.join(folder, "train.log")
+    if not any(isinstance(h, logging.FileHandler) and h.baseFilename == os.path.abspath(path)
+               for h in root.handlers):
+        fh = logging.FileHandler(path)
+        fh.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        root.addHandler(fh)
+
+
+def log_model_summary(cfg: Config, model, device, gflops: float) -> None:
+    counts = model.param_counts()
+    log.info("Model: %s, %d experts (top-%d), deep supervision %s | params: %s | %.2f GFLOPs per "
+             "%d px image (forward)", cfg.backbone, cfg.num_experts, cfg.moe_top_k,
+             "on" if cfg.deep_supervision else "off",
+             ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()), gflops, cfg.img_size)
+    log.info("Regularisation: weight decay %g (not on norms/biases) | drop-path %g | dropout %g | "
+             "label smoothing %g | grad clip %g", cfg.weight_decay, cfg.drop_path, cfg.dropout,
+             cfg.label_smoothing, cfg.grad_clip)

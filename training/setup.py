@@ -1,0 +1,101 @@
+"""Building a run: data and loaders, the model and its optimizer, the LR plan. ``train`` and the
+``schedule`` preview call the same functions, so they count steps the same way."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DistributedSampler
+
+import data as cod_data
+import schedulers
+from errors import UserError
+from training.config import Config
+from training.runtime import Runtime
+from training.stages import Stage, batches_per_epoch, steps_per_epoch
+
+log = logging.getLogger("cod")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def load_data(cfg: Config):
+    """Index the dataset and split it. Validation never uses the test set unless asked."""
+    index = cod_data.find_dataset(cfg.dataset_path, include_noncam=cfg.include_noncam, seed=cfg.seed)
+    if cfg.val_on_test:
+        if not index.tests:
+            raise UserError(f"--val-on-test: no test set found under {cfg.dataset_path}")
+        train = index.train
+        val = [s for samples in index.tests.values() for s in samples]
+        val_source = "the TEST split (--val-on-test)"
+    else:
+        train, val = cod_data.split_train_val(index.train, cfg.val_split, cfg.seed)
+        val_source = f"a held-out {cfg.val_split:.0%} of the training images (seed {cfg.seed})"
+    if not train:
+        raise UserError(f"no training images left in {cfg.dataset_path} (lower --val-split)")
+    log.info("Data: %s layout at %s | train %d | val %d from %s | test sets: %s",
+             index.layout, index.root, len(train), len(val), val_source,
+             ", ".join(f"{k} ({len(v)})" for k, v in index.tests.items()) or "none")
+    return index, train, val
+
+
+def train_samples_per_process(n: int, world_size: int) -> int:
+    """Each DDP process trains on ``n // world_size`` images an epoch (``DistributedSampler``,
+    drop_last), one process on all of them."""
+    return n // world_size if world_size > 1 else n
+
+
+def make_loader(cfg: Config, rt: Runtime, samples, batch_size: int, train: bool, seed_offset: int = 0):
+    """Training: shuffled (under DDP each process its own part of one shuffled order); evaluation:
+    in order, the first ``--limit-batches`` batches' worth of images, each counted exactly once
+    across the processes."""
+    if not train and cfg.limit_batches:
+        samples = samples[:cfg.limit_batches * batch_size]
+    aug = cod_data.aug_preset(cfg.aug) if train else None
+    ds = cod_data.SegDataset(samples, cfg.img_size, train=train, aug=aug)
+    sampler = None
+    if rt.world_size > 1:
+        sampler = (DistributedSampler(ds, rt.world_size, rt.rank, shuffle=True, seed=cfg.seed + seed_offset,
+                                      drop_last=True) if train
+                   else cod_data.ShardSampler(len(ds), rt.rank, rt.world_size))
+    n_local = len(sampler) if sampler is not None else len(samples)
+    workers = min(cfg.num_workers, os.cpu_count() or 1)  # more workers than cores only adds overhead
+    return cod_data.build_loader(ds, batch_size=batch_size, shuffle=train, num_workers=workers,
+                                 seed=cfg.seed + seed_offset + 7919 * rt.rank, sampler=sampler,
+                                 drop_last=train and n_local >= batch_size)
+
+
+def build_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
+    """Built once with every parameter; frozen ones simply have no gradient yet."""
+    groups = model.param_groups(cfg.weight_decay, cfg.backbone_lr_mult)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
+
+
+def make_lr_plan(cfg: Config, stages: list[Stage], n_train: Optional[int] = None,
+                 steps_per_epoch_override: Optional[int] = None) -> schedulers.LRPlan:
+    """The LR plan of ``stages``. Steps per epoch come from the number of training images one
+    process sees and each stage's batch size (``n_train``), or are given directly
+    (``steps_per_epoch_override``, the preview)."""
+    specs = []
+    for s in stages:
+        spe = steps_per_epoch_override or steps_per_epoch(
+            batches_per_epoch(n_train, s.batch_size, cfg.limit_batches), cfg.accumulation_steps)
+        specs.append(dict(name=s.name, start_epoch=s.schedule_start, end_epoch=s.end_epoch,
+                          steps_per_epoch=spe, base_lr=s.base_lr,
+                          warmup_steps=s.warmup_epochs * spe))
+    try:
+        return schedulers.build_plan(cfg.scheduler, specs, min_lr=cfg.min_lr,
+                                     restart_epochs=cfg.restart_epochs, t_mult=cfg.t_mult,
+                                     onecycle_pct_start=cfg.onecycle_pct_start,
+                                     onecycle_div_factor=cfg.onecycle_div_factor)
+    except ValueError as e:
+        raise UserError(f"schedule: {e}") from None
