@@ -45,6 +45,18 @@ class PredictOptions(InferenceOptions):
             raise UserError(f"--threshold must be in (0, 1) (got {self.threshold})")
         if not self.output:
             raise UserError("--output: name the folder the masks go to")
+        if os.path.exists(self.input):  # a missing --input is list_inputs' to report
+            self._check_output_apart()
+
+    def _check_output_apart(self) -> None:
+        """--output must not be the folder of the input images (or, for a folder, inside it)."""
+        is_dir = os.path.isdir(self.input)
+        images = os.path.realpath(self.input if is_dir else os.path.dirname(self.input) or ".")
+        output = os.path.realpath(self.output)
+        if output == images or (is_dir and os.path.commonpath([images, output]) == images):
+            where = "the folder" if output == images else "inside the folder"
+            raise UserError(f"--output {self.output} is {where} of the --input images ({images}): the masks "
+                            "would mix with the images; choose an --output folder outside it")
 
 
 def list_inputs(path: str) -> list[str]:
@@ -109,11 +121,7 @@ def predict_images(opts: PredictOptions) -> list[str]:
     opts.validate()
     paths = list_inputs(opts.input)
     out_dir = os.path.abspath(opts.output)
-    pngs = [os.path.join(out_dir, _stem(p) + ".png") for p in paths]
-    clash = set(map(os.path.abspath, paths)) & set(pngs)
-    if clash:
-        raise UserError(f"--output {opts.output} would overwrite the input {sorted(clash)[0]}; "
-                        "choose another --output folder")
+    pngs = [os.path.join(out_dir, _stem(p) + ".png") for p in paths]  # never an input: validate()
     overlay_dir = os.path.join(out_dir, "overlay")
     try:
         os.makedirs(overlay_dir if opts.overlay else out_dir, exist_ok=True)

@@ -303,7 +303,7 @@ def test_predict_single_file_and_input_errors(run, inputs, tmp_path):
                                   "--num-workers", "1", "--no-progress"]))
     assert "\n" not in str(e.value)
 
-    with pytest.raises(UserError, match="overwrite"):
+    with pytest.raises(UserError, match="mix with the images"):
         predict("--checkpoint", run.ckpt, "--input", inputs.folder, "--output", inputs.folder)
     with pytest.raises(UserError, match="--threshold"):
         predict("--checkpoint", run.ckpt, "--input", inputs.folder, "--output", str(tmp_path / "o"),
