@@ -48,14 +48,42 @@ def save(state: dict, path: str) -> None:
 
 
 def load(path: str) -> dict:
-    """Load a checkpoint or a bare state_dict; a missing or unreadable file is a UserError."""
+    """Load a checkpoint or a bare state_dict; a missing or unreadable file is a UserError.
+
+    What torch.save wrote is a zip archive (its end record, which a cut-short copy lacks, lists a
+    ``<name>/data.pkl``) or, in its legacy format, a pickle."""
+    import zipfile
+
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path} (check --resume-from / --checkpoint)")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    size, again = os.path.getsize(path), "copy it again, or pass another checkpoint (e.g. best_model.pth)"
+    truncated = f"{path} is truncated ({size} bytes), probably an interrupted copy: {again}"
+    not_torch = (f"{path} is not a checkpoint (not a file torch.save wrote): pass the last.pth or "
+                 "best_model.pth of a run, or a state_dict saved with torch.save")
+    if size == 0:
+        raise UserError(f"{path} is empty (0 bytes), probably an interrupted copy: {again}")
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except zipfile.BadZipFile:  # no end record: the end of the file is missing
+            raise UserError(truncated) from None
+        if not any(n.endswith("/data.pkl") for n in names):
+            raise UserError(not_torch)
+    elif not head.startswith(b"\x80"):  # a pickle (protocol 2 or later)
+        raise UserError(not_torch)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, or holds pickled objects
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot read checkpoint {path}: {first[:200]} "
+    except EOFError:  # a legacy-format file cut short
+        raise UserError(truncated) from None
+    except Exception as e:  # pickled objects, damage inside
+        text = " ".join(str(e).split())
+        if "Weights only load failed" in text:
+            raise UserError(f"{path} holds pickled Python objects, which loading with weights_only=True "
+                            "refuses: if you trust the file, re-save its tensors as a plain dict") from None
+        raise UserError(f"cannot read checkpoint {path}: {text.split('. ')[0][:200] or type(e).__name__} "
                         "(is it a complete .pth written by torch.save?)") from None
     if not isinstance(obj, dict):
         raise UserError(f"{path} holds a {type(obj).__name__}, not a checkpoint or state_dict")
