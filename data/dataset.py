@@ -30,8 +30,10 @@ from .transforms import AugConfig, build_augmentation, normalize, resize_pair
 
 class SegDataset(Dataset):
     """Items are dicts: image 3xSxS float32 (ImageNet-normalised), mask 1xSxS float32 in {0, 1}, name,
-    image_path, mask_path ('' for a sample without mask: the mask is then all zeros) and orig_size
-    [H, W] int64. ``aug`` only applies when ``train``; ``train=True`` with ``aug=None`` means ``AugConfig()``."""
+    image_path, mask_path ('' for a sample without mask: the mask is then all zeros), orig_size
+    [H, W] int64 and error ('' or the one line saying which file cannot be read: ``build_loader``
+    raises it in the main process, where a worker's exception would come with its traceback).
+    ``aug`` only applies when ``train``; ``train=True`` with ``aug=None`` means ``AugConfig()``."""
 
     def __init__(self, samples: Sequence[Sample], img_size: int, train: bool, aug: AugConfig | None = None):
         if img_size < 8:
@@ -57,9 +59,12 @@ class SegDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         s = self.samples[i]
-        image = load_image(s.image)
-        h, w = image.shape[:2]
-        mask = load_mask(s.mask) if s.mask else np.zeros((h, w), np.uint8)
+        try:
+            image = load_image(s.image)
+            h, w = image.shape[:2]
+            mask = load_mask(s.mask) if s.mask else np.zeros((h, w), np.uint8)
+        except UserError as e:  # raised in the main process by the loader, as one line
+            return self._failed(s, str(e))
         image, mask = resize_pair(image, mask, self.img_size)
         if self._transform is not None:
             self._transform.set_random_seed(self._aug_seed(i))
@@ -72,4 +77,12 @@ class SegDataset(Dataset):
             "image_path": s.image,
             "mask_path": s.mask or "",
             "orig_size": torch.tensor([h, w], dtype=torch.int64),
+            "error": "",
         }
+
+    def _failed(self, s: Sample, error: str) -> dict:
+        """An item of the right shapes that carries the one-line ``error`` of an unreadable file."""
+        n = self.img_size
+        return {"image": torch.zeros(3, n, n), "mask": torch.zeros(1, n, n), "name": s.name,
+                "image_path": s.image, "mask_path": s.mask or "", "orig_size": torch.zeros(2, dtype=torch.int64),
+                "error": error}

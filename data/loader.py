@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from errors import UserError
+
 
 def mix_seeds(*values: int) -> int:
     """A well-mixed 64-bit seed from a few integers (numpy's SeedSequence)."""
@@ -73,7 +75,24 @@ class SeededDataLoader(DataLoader):
     def __iter__(self):
         # Before super().__iter__() starts the workers, which take a copy of the dataset with this seed.
         reseed_dataset(self.dataset, int(torch.randint(0, 2**62, (), generator=self.generator).item()))
-        return super().__iter__()
+        return _raising_item_errors(super().__iter__())
+
+
+def _raising_item_errors(batches):
+    """Yield the batches; raise an item's ``error`` (a dataset's one-line UserError message) here, in
+    the main process, after stopping the workers (a worker's own exception would come with its
+    traceback, and workers still running at exit, which ignore SIGTERM, would hang it)."""
+    try:
+        for batch in batches:
+            errors = batch.get("error") if isinstance(batch, dict) else None
+            first = next((e for e in errors or () if e), None)
+            if first:
+                raise UserError(first)
+            yield batch
+    finally:
+        shutdown = getattr(batches, "_shutdown_workers", None)  # torch's multi-process iterator
+        if shutdown is not None:
+            shutdown()
 
 
 class ShardSampler(Sampler):

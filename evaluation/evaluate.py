@@ -165,7 +165,7 @@ def predict_probs(model, images: torch.Tensor, tta: str = "none", dtype=None) ->
 class ImageSet(Dataset):
     """Images prepared as ``SegDataset`` prepares them for validation (``load_image``, bilinear resize to
     ``img_size``, ImageNet normalisation), without masks. An unreadable file comes back as its one-line
-    ``error`` (raised by the caller), not as a DataLoader worker traceback."""
+    ``error`` (raised by ``build_loader``'s iterator), not as a DataLoader worker traceback."""
 
     def __init__(self, paths: Sequence[str], img_size: int):
         self.paths = list(paths)
@@ -194,10 +194,7 @@ def iterate_probs(model, paths: Sequence[str], opts: InferenceOptions, img_size:
                                    num_workers=workers, seed=0)
     with tqdm(total=len(paths), desc=desc, leave=False, disable=not opts.progress, dynamic_ncols=True,
               mininterval=1.0) as bar:
-        for batch in loader:
-            for err in batch["error"]:
-                if err:
-                    raise UserError(err)
+        for batch in loader:  # an unreadable image: build_loader raises its error as a UserError
             probs = predict_probs(model, batch["image"].to(device, non_blocking=True), opts.tta, dtype)
             sizes = batch["orig_size"].tolist()
             for i, prob, size in zip(batch["index"].tolist(), probs[:, 0].cpu().numpy(), sizes):
