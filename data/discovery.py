@@ -174,6 +174,9 @@ def find_dataset(root: str, include_noncam: bool = False, cache_dir: str | None 
         return index
 
     root = os.path.abspath(os.path.expanduser(os.fspath(root)))
+    if os.path.isfile(root):
+        raise UserError(f"--dataset-path {root} is a file; pass the dataset folder (the one holding Train/ and "
+                        "Test/, or TrainDataset/ and TestDataset/), unpacked if it is an archive, or demo")
     if not os.path.isdir(root):
         raise UserError(f"dataset folder {root} does not exist; fix --dataset-path (or use --dataset-path demo)")
     candidates = [root]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Optional
 
 import schedulers
@@ -22,6 +23,10 @@ def preview_schedule(cfg: Config, steps_per_epoch: Optional[int] = None, out: Op
     """
     from training.setup import load_data, make_lr_plan  # the very functions train uses
 
+    for flag, path in (("--out", out), ("--plot", plot)):
+        if path and os.path.isdir(path):
+            raise UserError(f"{flag} {path} is a folder: name the file to write, e.g. "
+                            f"{os.path.join(path, 'lr.csv' if flag == '--out' else 'lr.png')}")
     restart_at = None
     if cfg.resume_from:  # what a resume would do: the same decision train makes
         from training.resume import decide_schedule, peek
@@ -47,12 +52,18 @@ def preview_schedule(cfg: Config, steps_per_epoch: Optional[int] = None, out: Op
     print(schedulers.format_plan(plan))
     print(schedulers.ascii_plot(plan))
     if out:
-        schedulers.write_csv(plan, out)
+        _write(schedulers.write_csv, plan, "--out", out)
         print(f"wrote {plan.total_steps} rows to {out}")
     if plot:
-        try:
-            schedulers.plot_png(plan, plot)
-        except RuntimeError as e:
-            raise UserError(str(e)) from None
+        _write(schedulers.plot_png, plan, "--plot", plot)
         print(f"wrote {plot}")
     return plan
+
+
+def _write(write, plan: schedulers.LRPlan, flag: str, path: str) -> None:
+    try:
+        write(plan, path)
+    except OSError as e:
+        raise UserError(f"cannot write {flag} {path}: {e.strerror or e}; choose a writable file") from None
+    except RuntimeError as e:  # matplotlib missing
+        raise UserError(str(e)) from None
