@@ -53,18 +53,23 @@ def _fmt(v) -> str:
 
 def setup_logging(folder: str, is_main: bool) -> None:
     """``train.log`` in ``folder`` for the main process; the other processes of a DDP run only
-    report warnings, so that every line is printed once."""
-    root = logging.getLogger("cod")
+    report warnings, so that every line is printed once.
+
+    The file takes what the console shows: its handler sits on the root logger, which the data and
+    model modules' loggers (``logging.getLogger(__name__)``) reach as well as ``cod``. A handler
+    left by an earlier run in this process (a notebook, the tests) is replaced, not added to."""
+    root = logging.getLogger()
     if not is_main:
-        logging.getLogger().setLevel(logging.WARNING)  # the data and model modules' loggers too
-        root.setLevel(logging.WARNING)
+        root.setLevel(logging.WARNING)  # the data and model modules' loggers too
+        logging.getLogger("cod").setLevel(logging.WARNING)
         return
-    path = os.path.join(folder, "train.log")
-    if not any(isinstance(h, logging.FileHandler) and h.baseFilename == os.path.abspath(path)
-               for h in root.handlers):
-        fh = logging.FileHandler(path)
-        fh.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-        root.addHandler(fh)
+    for h in [h for h in root.handlers if getattr(h, "cod_train_log", False)]:
+        root.removeHandler(h)
+        h.close()
+    fh = logging.FileHandler(os.path.join(folder, "train.log"))
+    fh.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    fh.cod_train_log = True
+    root.addHandler(fh)
 
 
 def log_model_summary(cfg: Config, model, device, gflops: float) -> None:
