@@ -33,7 +33,21 @@ def parse_duration(text: str) -> float:
     if not m or not any(m.groups()) or not str(text).strip():
         raise UserError(f"--time-limit {text!r}: write a duration with units, e.g. 8h30m, 45m or 90s")
     h, mi, s = (float(g) if g else 0.0 for g in m.groups())
+    if h * 3600 + mi * 60 + s <= 0:
+        raise UserError(f"--time-limit {text!r} leaves no time to train: give the wall time the run may "
+                        "use, e.g. 8h30m, or leave --time-limit out")
     return h * 3600 + mi * 60 + s
+
+
+def check_writable_folder(flag: str, path: str) -> None:
+    """A writable folder, or one that can be created: its nearest existing parent is a writable folder."""
+    path = parent = os.path.abspath(os.path.expanduser(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"{flag} {path}: {parent} is a file, not a folder; pass a folder (created if missing)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: {parent} is not writable; pass a folder you can write to")
 
 
 @dataclass
@@ -139,6 +153,17 @@ class Config:
             kwargs["ds_weights"] = tuple(kwargs["ds_weights"])
         return cls(**kwargs)
 
+    def _check_onecycle_floor(self) -> None:
+        """onecycle rises from peak / --onecycle-div-factor and must fall below that, to --min-lr."""
+        d, m = self.onecycle_div_factor, self.min_lr
+        for flag, eta, used in (("--lr", self.lr, self.stage1_epochs > 0 and not self.skip_stage1),
+                                ("--stage2-lr", self.stage2_lr_value, self.stage2_epochs > 0)):
+            if used and m >= eta / d:
+                other = f" or --onecycle-div-factor {eta / m / 2:.3g}" if eta / m > 2 else ""
+                raise UserError(f"--scheduler onecycle starts at {flag} / --onecycle-div-factor = {eta:g} / "
+                                f"{d:g} = {eta / d:g} and must end below that, at --min-lr ({m:g}): use "
+                                f"--min-lr {eta / d / 10:.2g}{other}")
+
     def validate(self) -> "Config":
         """Reject bad values with the flag's name and what is allowed."""
 
@@ -149,6 +174,9 @@ class Config:
         need(self.epochs >= 1, f"--epochs must be >= 1 (got {self.epochs})")
         need(0 <= self.stage1_epochs <= self.epochs,
              f"--stage1-epochs must be between 0 and --epochs ({self.epochs}), got {self.stage1_epochs}")
+        need(not self.skip_stage1 or self.stage1_epochs < self.epochs,
+             f"--skip-stage1 with --stage1-epochs {self.stage1_epochs} = --epochs {self.epochs} leaves no "
+             "stage-2 epoch to train: raise --epochs above --stage1-epochs")
         check_img_size(self.img_size)
         self.model_spec.validate()
         need(self.batch_size >= 1, f"--batch-size must be >= 1 (got {self.batch_size})")
@@ -170,6 +198,8 @@ class Config:
              f"--onecycle-pct-start must be in (0, 1) (got {self.onecycle_pct_start})")
         need(self.onecycle_div_factor > 1.0,
              f"--onecycle-div-factor must be > 1 (got {self.onecycle_div_factor})")
+        if self.scheduler == "onecycle":
+            self._check_onecycle_floor()
         need(0.0 <= self.val_split < 1.0, f"--val-split must be in [0, 1) (got {self.val_split})")
         need(self.num_workers >= 0, f"--num-workers must be >= 0 (got {self.num_workers})")
         need(self.limit_batches is None or self.limit_batches >= 1,
@@ -189,8 +219,8 @@ class Config:
         for flag, value in (("--save-every", self.save_every), ("--keep-last", self.keep_last),
                             ("--run-epochs", self.run_epochs)):
             need(value is None or value >= 1, f"{flag} must be >= 1 (got {value})")
-        if self.time_limit is not None:
-            self.time_limit_s  # raises a UserError naming --time-limit when malformed
+        self.time_limit_s  # raises a UserError naming --time-limit when malformed or zero
+        check_writable_folder("--checkpoint-dir", self.checkpoint_dir)
         for flag, path in (("--resume-from", self.resume_from), ("--pretrained-path", self.pretrained_path)):
             need(path is None or os.path.isfile(path), f"{flag}: no such file: {path}")
         if self.pretrained_path is not None:
@@ -274,7 +304,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scheduler", choices=SCHEDULERS, default=d.scheduler)
     g.add_argument("--min-lr", type=float, default=d.min_lr, help="floor of every schedule")
     g.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs,
-                   help="linear warm-up from --min-lr at the start of stage 2")
+                   help="linear warm-up from --min-lr at the start of stage 2 (after a resume that "
+                        "restarts the schedule inside stage 2: at the resume epoch)")
     g.add_argument("--t-mult", type=int, default=d.t_mult, help="cosine_restart: cycle growth factor")
     g.add_argument("--restart-epochs", type=int, default=None,
                    help="cosine_restart: first cycle length (default: max(1, stage epochs // 4))")
