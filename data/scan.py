@@ -92,9 +92,10 @@ def check_sample(sample: Sample) -> tuple[BadSample | None, float]:
     return None, float(mask.mean()) if mask.size else 0.0
 
 
-def scan_samples(samples: Sequence[Sample], num_workers: int = 0) -> ScanReport:
+def scan_samples(samples: Sequence[Sample], num_workers: int = 0, name: str = "") -> ScanReport:
     """Read every sample (image and mask, fully decoded) and sort them into good and bad; see the module
-    docstring. ``num_workers`` > 0 decodes on that many threads; 0 reads in the calling thread."""
+    docstring. ``num_workers`` > 0 decodes on that many threads; 0 reads in the calling thread.
+    ``name`` (e.g. the split) starts the summary line logged at the end."""
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0 (got {num_workers})")
     samples = list(samples)
@@ -113,5 +114,5 @@ def scan_samples(samples: Sequence[Sample], num_workers: int = 0) -> ScanReport:
             if fg < EMPTY_FRACTION:
                 report.empty.append(s)
     report.seconds = time.perf_counter() - start
-    log.info(report.summary())
+    log.info("%s%s", f"{name}: " if name else "", report.summary())
     return report

@@ -61,6 +61,7 @@ class Config:
     include_noncam: bool = False
     aug: str = "moderate"
     num_workers: int = 4
+    skip_bad_files: bool = True
     limit_batches: Optional[int] = None
     # model
     backbone: str = ModelSpec.backbone
@@ -248,7 +249,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                "(the test set then no longer measures generalisation)")
     _bool_flag(g, "--include-noncam", "COD10K: also train on the NonCAM images (empty masks)")
     g.add_argument("--aug", choices=AUG_PRESETS, default=d.aug, help="augmentation strength")
-    g.add_argument("--num-workers", type=int, default=d.num_workers, help="DataLoader workers (0 = main process)")
+    g.add_argument("--num-workers", type=int, default=d.num_workers,
+                   help="DataLoader workers (0 = main process), and threads of the start-up file check")
+    _bool_flag(g, "--skip-bad-files", "every train/test image and mask is read before training: leave out "
+               "unreadable ones and images without mask, named in the log (no: stop)", d.skip_bad_files)
     g.add_argument("--limit-batches", type=int, default=None,
                    help="cap train and validation batches per epoch (quick checks)")
 

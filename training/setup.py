@@ -14,12 +14,14 @@ from torch.utils.data import DistributedSampler
 
 import data as cod_data
 import schedulers
+from data.scan import EMPTY_FRACTION
 from errors import UserError
 from training.config import Config
 from training.runtime import Runtime
 from training.stages import Stage, batches_per_epoch, steps_per_epoch
 
 log = logging.getLogger("cod")
+SHOW_BAD_FILES = 20  # bad files named one per line in the log; the rest are counted
 
 
 def seed_everything(seed: int) -> None:
@@ -29,8 +31,11 @@ def seed_everything(seed: int) -> None:
 
 
 def load_data(cfg: Config):
-    """Index the dataset and split it. Validation never uses the test set unless asked."""
-    index = cod_data.find_dataset(cfg.dataset_path, include_noncam=cfg.include_noncam, seed=cfg.seed)
+    """Index the dataset, read every file of it once (``check_files``) and split it. Validation
+    never uses the test set unless asked."""
+    index = cod_data.find_dataset(cfg.dataset_path, include_noncam=cfg.include_noncam, seed=cfg.seed,
+                                  allow_missing_masks=True)
+    check_files(cfg, index)
     if cfg.val_on_test:
         if not index.tests:
             raise UserError(f"--val-on-test: no test set found under {cfg.dataset_path}")
@@ -46,6 +51,38 @@ def load_data(cfg: Config):
              index.layout, index.root, len(train), len(val), val_source,
              ", ".join(f"{k} ({len(v)})" for k, v in index.tests.items()) or "none")
     return index, train, val
+
+
+def check_files(cfg: Config, index) -> None:
+    """Read every image and mask of the train and test splits before training (``data.scan``), so
+    that a bad file stops the run (``--no-skip-bad-files``) or is left out, at start-up and not in
+    the middle of an epoch or after it. Mostly empty masks are reported: a mask format misread."""
+    splits = {"train": index.train, **{f"test set {k}": v for k, v in index.tests.items()}}
+    workers = min(cfg.num_workers, os.cpu_count() or 1)
+    reports = {name: cod_data.scan_samples(samples, workers, name) for name, samples in splits.items()}
+    bad = [b for r in reports.values() for b in r.bad]
+    if bad and not cfg.skip_bad_files:
+        where = ", ".join(f"{name} {len(r.bad)}" for name, r in reports.items() if r.bad)
+        others = f" | others: {', '.join(b.path for b in bad[1:4])}{' ...' if len(bad) > 4 else ''}"
+        raise UserError(f"{len(bad)} bad file(s) in {cfg.dataset_path} ({where}): {bad[0].reason}"
+                        f"{others if len(bad) > 1 else ''} | fix or remove them, or leave out "
+                        "--no-skip-bad-files to train without them")
+    for b in bad[:SHOW_BAD_FILES]:
+        log.info("Skipping a bad file (--skip-bad-files): %s", b.reason)
+    if len(bad) > SHOW_BAD_FILES:
+        log.info("Skipping %d more bad files (%d in all)", len(bad) - SHOW_BAD_FILES, len(bad))
+    for name, r in reports.items():
+        if r.empty_fraction > 0.5:
+            log.info("Warning: %d of %d masks of %s are empty or nearly so (under %g %% foreground): are "
+                     "they 0/1 masks? Each mask is binarised at half its own largest value "
+                     "(data/images.py binarize_mask)", len(r.empty), len(r.good), name,
+                     100 * EMPTY_FRACTION)
+    index.train = reports["train"].good
+    index.tests = {k: reports[f"test set {k}"].good for k in index.tests}
+    for name, r in reports.items():
+        if splits[name] and not r.good:
+            raise UserError(f"no readable sample left in {name} of {cfg.dataset_path}: every one was a bad "
+                            "file (see the lines above)")
 
 
 def train_samples_per_process(n: int, world_size: int) -> int:
