@@ -1,0 +1,227 @@
+"""Bad input through the command line: one `error: ...` line naming the file or flag, exit status 2,
+no traceback, nothing trained or written for nothing. One test per item of the bad-input issue."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import train_ultimate
+from data import make_demo_dataset
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--backbone", "edgenext_xx_small", "--no-pretrained", "--img-size", "64", "--epochs", "2",
+        "--stage1-epochs", "1", "--limit-batches", "2", "--num-workers", "0", "--no-progress"]
+SCHEDULE = ["schedule", "--steps-per-epoch", "10", "--epochs", "4", "--stage1-epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    return make_demo_dataset(str(tmp_path_factory.mktemp("demo") / "demo"), n_train=12, n_test=4, size=64, seed=5)
+
+
+@pytest.fixture(scope="module")
+def broken_root(demo_root, tmp_path_factory):
+    """The demo data with a corrupt training image, a training image without mask and a corrupt test mask."""
+    root = str(tmp_path_factory.mktemp("broken") / "data")
+    shutil.copytree(demo_root, root)
+    train, test = os.path.join(root, "TrainDataset"), os.path.join(root, "TestDataset", "demo")
+    bad = {"image": os.path.join(train, "Imgs", "train-0002.jpg"),
+           "unpaired": os.path.join(train, "Imgs", "train-0005.jpg"),
+           "test mask": os.path.join(test, "GT", "test-0001.png")}
+    for key in ("image", "test mask"):
+        with open(bad[key], "wb") as f:
+            f.write(b"\xff\xd8 these bytes are no image")
+    os.remove(os.path.join(train, "GT", "train-0005.png"))
+    return root, bad
+
+
+def one_error(capsys, argv) -> str:
+    """Run the CLI in this process; it must exit 2 with exactly one `error:` line and no traceback."""
+    rc = train_ultimate.main(argv)
+    out, err = capsys.readouterr()
+    assert rc == 2, (rc, out, err)
+    assert "Traceback" not in out + err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def cli(args, prelude=None, timeout=240) -> subprocess.CompletedProcess:
+    """The CLI in a subprocess (DataLoader workers), optionally after a few lines of Python."""
+    cmd = [sys.executable, "-c", prelude + "\nsys.exit(train_ultimate.main(sys.argv[1:]))"] if prelude else \
+        [sys.executable, "train_ultimate.py"]
+    return subprocess.run([*cmd, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+# ---- item 6: inputs that used to run and do nothing useful --------------------------------------
+
+def test_6_skip_stage1_without_stage2_zero_time_limit_and_predict_into_its_input(demo_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    line = one_error(capsys, ["train", "--dataset-path", demo_root, "--checkpoint-dir", str(out), *TINY,
+                              "--stage1-epochs", "2", "--skip-stage1"])
+    assert "--skip-stage1" in line and "--stage1-epochs 2" in line and "--epochs 2" in line
+    for limit in ("0s", "0h0m"):
+        line = one_error(capsys, ["train", "--dataset-path", demo_root, "--checkpoint-dir", str(out), *TINY,
+                                  "--time-limit", limit])
+        assert f"--time-limit '{limit}'" in line and "no time" in line
+    assert not out.exists()  # rejected before anything was written
+
+    images = os.path.join(demo_root, "TestDataset", "demo", "Imgs")
+    before = sorted(os.listdir(images))
+    (tmp_path / "ckpt.pth").write_bytes(b"never read: the options are checked first")
+    for output in (images, os.path.join(images, "masks"), images + os.sep):
+        line = one_error(capsys, ["predict", "--checkpoint", str(tmp_path / "ckpt.pth"), "--input", images,
+                                  "--output", output])
+        assert f"--output {output}" in line and images in line and "--input" in line
+    one_file = os.path.join(images, before[0])
+    line = one_error(capsys, ["predict", "--checkpoint", str(tmp_path / "ckpt.pth"), "--input", one_file,
+                              "--output", images])
+    assert "the folder of the --input images" in line
+    assert sorted(os.listdir(images)) == before
+
+
+# ---- item 9: paths of the wrong kind ------------------------------------------------------------
+
+def test_9_checkpoint_dir_dataset_path_and_schedule_outputs_of_the_wrong_kind(demo_root, tmp_path, capsys,
+                                                                            monkeypatch):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    for ckdir, parent in ((a_file, a_file), (a_file / "run", a_file)):
+        line = one_error(capsys, ["train", "--dataset-path", demo_root, "--checkpoint-dir", str(ckdir), *TINY])
+        assert line.startswith(f"error: --checkpoint-dir {ckdir}: {parent} is a file")
+    assert a_file.read_text() == "keep me"
+
+    locked = tmp_path / "locked"  # as root, os.access says yes to everything: make it say no here
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: os.fspath(p) != str(locked) and real_access(p, mode))
+    for ckdir in (locked, locked / "new" / "run"):
+        line = one_error(capsys, ["train", "--dataset-path", demo_root, "--checkpoint-dir", str(ckdir), *TINY])
+        assert line == f"error: --checkpoint-dir {ckdir}: {locked} is not writable; pass a folder you can write to"
+    monkeypatch.undo()
+    assert os.listdir(locked) == []
+
+    line = one_error(capsys, ["schedule", "--dataset-path", str(a_file), *TINY])
+    assert f"--dataset-path {a_file} is a file" in line and "TrainDataset/" in line
+
+    folder = tmp_path / "plots"
+    folder.mkdir()
+    for flag, example in (("--out", "lr.csv"), ("--plot", "lr.png")):
+        line = one_error(capsys, [*SCHEDULE, flag, str(folder)])
+        assert line == f"error: {flag} {folder} is a folder: name the file to write, e.g. {folder / example}"
+    assert os.listdir(folder) == [] and not (tmp_path / "plots.png").exists()
+
+
+# ---- item 10: an unreadable image read by a DataLoader worker -----------------------------------
+
+def test_10_unreadable_image_in_a_dataloader_worker_is_one_line(broken_root, tmp_path):
+    root, bad = broken_root
+    # the start-up scan (item 12) would find the file first: take it away to reach the workers
+    proc = cli(["train", "--dataset-path", root, "--checkpoint-dir", str(tmp_path / "run"), *TINY,
+                "--num-workers", "2", "--val-split", "0", "--limit-batches", "3"],  # all 12 images
+               prelude="import sys, train_ultimate, training.setup\n"
+                       "training.setup.check_files = lambda cfg, index: None")
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: cannot decode image {bad['image']}: not a readable image file; re-export it as PNG or JPEG "
+        "or remove it"]
+
+
+# ---- item 11: a --resume-from file that is not a whole checkpoint -------------------------------
+
+def test_11_resume_from_a_text_file_an_empty_or_a_truncated_checkpoint(demo_root, tmp_path, capsys):
+    text, empty, cut = tmp_path / "notes.pth", tmp_path / "empty.pth", tmp_path / "cut.pth"
+    text.write_text("hello, not a checkpoint\n")
+    empty.write_bytes(b"")
+    torch.save({"model": {"w": torch.randn(64, 64)}, "epoch": 3}, str(tmp_path / "whole.pth"))
+    whole = (tmp_path / "whole.pth").read_bytes()
+    cut.write_bytes(whole[: len(whole) // 2])
+    expected = {text: "is not a checkpoint (not a file torch.save wrote)",
+                empty: "is empty (0 bytes), probably an interrupted copy",
+                cut: f"is truncated ({len(whole) // 2} bytes), probably an interrupted copy"}
+    for path, words in expected.items():
+        line = one_error(capsys, [*SCHEDULE, "--resume-from", str(path)])
+        assert line.startswith(f"error: {path} {words}")
+    line = one_error(capsys, ["train", "--dataset-path", demo_root, "--checkpoint-dir", str(tmp_path / "run"),
+                              *TINY, "--resume-from", str(text)])
+    assert line.startswith(f"error: {text} is not a checkpoint")
+
+
+# ---- item 12: every file is read before the first step ------------------------------------------
+
+@pytest.fixture(scope="module")
+def skipped_run(broken_root, tmp_path_factory):
+    """Train on the broken data with the default --skip-bad-files, in a subprocess (workers, console)."""
+    root, bad = broken_root
+    out = tmp_path_factory.mktemp("skipped") / "run"
+    proc = cli(["train", "--dataset-path", root, "--checkpoint-dir", str(out), *TINY, "--num-workers", "2"])
+    return proc, out, bad
+
+
+def test_12_bad_files_are_found_before_training_and_skipped_or_refused(broken_root, skipped_run, tmp_path, capsys,
+                                                                     caplog):
+    root, bad = broken_root
+    out = tmp_path / "refused"
+    line = one_error(capsys, ["train", "--dataset-path", root, "--checkpoint-dir", str(out), *TINY,
+                              "--num-workers", "2", "--no-skip-bad-files"])
+    assert line.startswith(f"error: 3 bad file(s) in {root} (train 2, test set demo 1): cannot decode image "
+                           f"{bad['image']}")
+    assert f"others: {bad['unpaired']}, {bad['test mask']}" in line and "--no-skip-bad-files" in line
+    assert not (out / "last.pth").exists()  # stopped before the first step
+
+    proc, run, _ = skipped_run
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    skips = [s for s in proc.stdout.splitlines() if s.startswith("Skipping a bad file")]
+    assert len(skips) == 3 and all(path in s for path, s in zip(bad.values(), skips))
+    assert proc.stdout.index("Skipping") < proc.stdout.index("Epoch 1/2")
+    assert "| train 9 | val 1 " in proc.stdout and "test sets: demo (3)" in proc.stdout
+    assert (run / "test_metrics.json").is_file()  # the test split is scored without its bad mask
+
+    empty = tmp_path / "empty"  # masks of 0/100: under half of 255 everywhere, so all background
+    shutil.copytree(root, empty)
+    shutil.copy(bad["image"].replace("0002", "0003"), os.path.join(empty, "TrainDataset", "Imgs", "train-0002.jpg"))
+    for folder, _, files in os.walk(empty):
+        for name in files:
+            if folder.endswith("GT"):
+                cv2.imwrite(os.path.join(folder, name), np.full((64, 64), 100, np.uint8))
+    caplog.set_level("INFO")
+    assert train_ultimate.main(["schedule", "--dataset-path", str(empty), *TINY]) == 0
+    warnings = [r.getMessage() for r in caplog.records if "are they 0/1 masks?" in r.getMessage()]
+    assert len(warnings) == 2 and warnings[0].startswith("Warning: 11 of 11 masks of train are empty")
+
+
+# ---- item 13: messages that mislead -------------------------------------------------------------
+
+def test_13_onecycle_floor_warmup_help_and_train_log(skipped_run, capsys):
+    line = one_error(capsys, [*SCHEDULE, "--scheduler", "onecycle", "--min-lr", "1e-5", "--lr", "2.5e-4"])
+    assert line == ("error: --scheduler onecycle starts at --lr / --onecycle-div-factor = 0.00025 / 25 = 1e-05 "
+                    "and must end below that, at --min-lr (1e-05): use --min-lr 1e-06 or "
+                    "--onecycle-div-factor 12.5")
+    for fix in (["--min-lr", "1e-06"], ["--min-lr", "1e-5", "--onecycle-div-factor", "12.5"]):
+        assert train_ultimate.main([*SCHEDULE, "--scheduler", "onecycle", "--lr", "2.5e-4", *fix]) == 0
+
+    with pytest.raises(SystemExit):
+        train_ultimate.main(["train", "--help"])
+    train_help = " ".join(capsys.readouterr().out.split())
+    assert "--warmup-epochs WARMUP_EPOCHS linear warm-up from --min-lr at the start of stage 2 (after a resume " \
+           "that restarts the schedule inside stage 2: at the resume epoch)" in train_help
+
+    proc, run, _ = skipped_run
+    log = (run / "train.log").read_text()
+    console = proc.stdout.splitlines()
+    # lines of data/discovery.py and data/scan.py (their own loggers) and of the trainer, once each
+    for start in ("sinet dataset at", "train: checked 12 samples", "Skipping a bad file", "Data: sinet layout",
+                  "Epoch 2/2"):
+        assert start in log, start
+        matching = [s for s in console if s.startswith(start)]
+        assert len(matching) == (3 if start == "Skipping a bad file" else 1), (start, matching)
