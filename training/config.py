@@ -89,11 +89,22 @@ class Config:
     restart_epochs: Optional[int] = None
     onecycle_pct_start: float = 0.1
     onecycle_div_factor: float = 25.0
+    # guards
+    divergence_guard: bool = True
+    spike_factor: float = 5.0
+    lr_backoff: float = 0.7
+    max_rollbacks: int = 3
+    plateau_patience: Optional[int] = None
+    plateau_min_delta: float = 1e-3
+    plateau_lr_factor: float = 1.5
+    plateau_from: str = "best"
+    plateau_max_restarts: int = 2
     # run control
     monitor: str = "iou"
     early_stop_patience: Optional[int] = None
     resume_from: Optional[str] = None
     resume_schedule: str = "auto"
+    overwrite: bool = False
     skip_stage1: bool = False
     save_every: Optional[int] = None
     keep_last: Optional[int] = None
@@ -184,6 +195,16 @@ class Config:
         need(self.early_stop_patience is None or self.early_stop_patience >= 1,
              f"--early-stop-patience must be >= 1 (got {self.early_stop_patience})")
         need(0.0 < self.threshold < 1.0, f"--threshold must be in (0, 1) (got {self.threshold})")
+        need(self.spike_factor > 1.0, f"--spike-factor must be > 1 (got {self.spike_factor})")
+        need(0.0 < self.lr_backoff < 1.0, f"--lr-backoff must be in (0, 1), e.g. 0.7 (got {self.lr_backoff})")
+        need(self.max_rollbacks >= 0, f"--max-rollbacks must be >= 0 (got {self.max_rollbacks})")
+        need(self.plateau_patience is None or self.plateau_patience >= 1,
+             f"--plateau-patience must be >= 1 (got {self.plateau_patience})")
+        need(self.plateau_min_delta >= 0, f"--plateau-min-delta must be >= 0 (got {self.plateau_min_delta})")
+        need(self.plateau_lr_factor > 0, f"--plateau-lr-factor must be > 0 (got {self.plateau_lr_factor})")
+        need(self.plateau_from in ("best", "current"), "--plateau-from must be best or current")
+        need(self.plateau_max_restarts >= 0,
+             f"--plateau-max-restarts must be >= 0 (got {self.plateau_max_restarts})")
         need(self.resume_schedule in RESUME_SCHEDULES,
              f"--resume-schedule must be one of {', '.join(RESUME_SCHEDULES)}")
         for flag, value in (("--save-every", self.save_every), ("--keep-last", self.keep_last),
@@ -281,6 +302,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--onecycle-pct-start", type=float, default=d.onecycle_pct_start)
     g.add_argument("--onecycle-div-factor", type=float, default=d.onecycle_div_factor)
 
+    from training.guards import add_guard_arguments
+
+    add_guard_arguments(p, d)
+
     g = p.add_argument_group("run control")
     g.add_argument("--monitor", choices=MONITOR_CHOICES, default=d.monitor,
                    help="validation metric that picks best_model.pth")
@@ -291,6 +316,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="on resume: continue the saved LR schedule, or restart a fresh one from the "
                         "resume epoch (auto: restart exactly when schedule flags changed)")
     _bool_flag(g, "--skip-stage1", "go straight to stage 2")
+    _bool_flag(g, "--overwrite", "start a fresh run in a --checkpoint-dir that holds one: its files are "
+               "moved into a previous-<time>/ subfolder, not deleted")
     g.add_argument("--save-every", type=int, default=None,
                    help="also keep a copy of the checkpoint every N epochs (epoch_NNNN.pth)")
     g.add_argument("--keep-last", type=int, default=None,

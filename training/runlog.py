@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+from logging.handlers import MemoryHandler
+from typing import Optional
 
 from training.config import Config
 
@@ -51,20 +53,40 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def setup_logging(folder: str, is_main: bool) -> None:
-    """``train.log`` in ``folder`` for the main process; the other processes of a DDP run only
-    report warnings, so that every line is printed once."""
-    root = logging.getLogger("cod")
+def start_logging(is_main: bool) -> Optional[MemoryHandler]:
+    """At the start of a run. The other processes of a DDP run only report warnings, so that every
+    line is printed once. The main process keeps its lines in memory until ``setup_logging`` has
+    a train.log to put them in: a start that fails (a typo in a path) leaves the folder untouched."""
     if not is_main:
         logging.getLogger().setLevel(logging.WARNING)  # the data and model modules' loggers too
-        root.setLevel(logging.WARNING)
-        return
+        logging.getLogger("cod").setLevel(logging.WARNING)
+        return None
+    early = MemoryHandler(capacity=1_000_000, flushLevel=logging.CRITICAL + 1)
+    logging.getLogger().addHandler(early)
+    return early
+
+
+def setup_logging(folder: str, early: Optional[MemoryHandler] = None) -> None:
+    """train.log in ``folder``, with the lines logged since ``start_logging``."""
+    root = logging.getLogger("cod")
     path = os.path.join(folder, "train.log")
-    if not any(isinstance(h, logging.FileHandler) and h.baseFilename == os.path.abspath(path)
-               for h in root.handlers):
+    fh = next((h for h in root.handlers
+               if isinstance(h, logging.FileHandler) and h.baseFilename == os.path.abspath(path)), None)
+    if fh is None:
         fh = logging.FileHandler(path)
         fh.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         root.addHandler(fh)
+    if early is not None:
+        early.setTarget(fh)
+        early.flush()
+
+
+def stop_buffering(early: Optional[MemoryHandler]) -> None:
+    """Drop the start-up buffer (its lines are in train.log by now, or the start failed)."""
+    if early is not None:
+        logging.getLogger().removeHandler(early)
+        early.buffer.clear()
+        early.close()
 
 
 def log_model_summary(cfg: Config, model, device, gflops: float) -> None:
