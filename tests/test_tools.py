@@ -1,0 +1,121 @@
+"""The run tools: ``lr-find``, ``curves.png``, ``compare`` and the TensorBoard logger.
+
+Runs are tiny (CPU, edgenext_xx_small, 64 px, 2 experts, a few batches) on generated data.
+"""
+
+import csv
+import logging
+import math
+import os
+import re
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import train_ultimate
+from data import make_demo_dataset
+from training.lr_find import LRFindResult, suggest
+
+TINY = ["--backbone", "edgenext_xx_small", "--no-pretrained", "--img-size", "64", "--num-workers", "0",
+        "--no-progress", "--num-experts", "2", "--decoder-channels", "16", "--batch-size", "2"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny runs on a shared 2-core box: a second intra-op thread mostly waits."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two tiny 3-epoch runs (stage 1 then 2) that differ in --lr: {'data': root, 'a': dir, 'b': dir}."""
+    base = tmp_path_factory.mktemp("tools")
+    root = make_demo_dataset(str(base / "demo"), n_train=12, n_test=2, size=64, seed=3)
+    out = {"data": root}
+    for name, lr in (("run_a", "1e-3"), ("run_b", "3e-4")):
+        folder = str(base / name)
+        assert train_ultimate.main(["train", "--dataset-path", root, "--checkpoint-dir", folder, "--epochs", "3",
+                                    "--stage1-epochs", "1", "--limit-batches", "2", "--lr", lr, *TINY]) == 0
+        out[name[-1]] = folder
+    # fit() leaves its train.log handler on the 'cod' logger (one process per run on the command line);
+    # here, in one process, later commands' log lines would otherwise land in these runs' train.log
+    cod = logging.getLogger("cod")
+    for h in [h for h in cod.handlers if isinstance(h, logging.FileHandler)]:
+        cod.removeHandler(h)
+        h.close()
+    return out
+
+
+def snapshot(folder):
+    return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))}
+
+
+def assert_png(path):
+    data = open(path, "rb").read()
+    assert data[:8] == PNG_SIGNATURE, path
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    assert img is not None and img.shape[0] > 100 and img.shape[1] > 100, path
+
+
+def suggested_lr(out: str) -> float:
+    m = re.search(r"^suggested LR: (\S+) \(rule: ", out, flags=re.M)
+    assert m, out
+    return float(m.group(1))
+
+
+# ---- lr-find -----------------------------------------------------------------------------------
+
+def test_lr_find_suggests_a_finite_lr_and_leaves_the_run_alone(runs, capsys):
+    folder = runs["a"]
+    before = snapshot(folder)
+    assert train_ultimate.main(["lr-find", "--dataset-path", runs["data"], "--checkpoint-dir", folder,
+                                "--resume-from", os.path.join(folder, "best_model.pth"),
+                                "--lr-find-steps", "30", *TINY]) == 0
+    lr = suggested_lr(capsys.readouterr().out)
+    assert math.isfinite(lr) and 1e-8 <= lr <= 1.0
+    after = snapshot(folder)
+    assert set(after) - set(before) == {"lr_find.csv", "lr_find.png"}
+    for name in before:  # best_model.pth, last.pth, config.json, metrics.csv, train.log ...
+        assert after[name] == before[name], f"lr-find changed {name}"
+    assert_png(os.path.join(folder, "lr_find.png"))
+    with open(os.path.join(folder, "lr_find.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["step", "lr", "loss", "smoothed"] and 2 <= len(rows) <= 30
+    lrs = [float(r["lr"]) for r in rows]
+    assert lrs[0] == pytest.approx(1e-7) and all(b > a for a, b in zip(lrs, lrs[1:]))
+    assert float(rows[0]["smoothed"]) == float(rows[0]["loss"])  # bias-corrected EMA starts at the loss
+
+
+def test_lr_find_stage1_stops_when_the_loss_blows_up(runs, tmp_path, capsys):
+    out = tmp_path / "fresh"
+    assert train_ultimate.main(["lr-find", "--dataset-path", runs["data"], "--checkpoint-dir", str(out),
+                                "--stage", "1", "--accumulation-steps", "2", "--lr-find-steps", "30",
+                                "--lr-find-start", "1e-3", "--lr-find-end", "1e4", *TINY]) == 0
+    text = capsys.readouterr().out
+    assert "stopped: the smoothed loss passed 4x its minimum" in text or "stopped: the loss became" in text
+    assert math.isfinite(suggested_lr(text))
+    assert sorted(os.listdir(out)) == ["lr_find.csv", "lr_find.png"]  # no config.json, train.log, ...
+
+
+def test_lr_find_rejects_a_bad_range(capsys):
+    assert train_ultimate.main(["lr-find", "--lr-find-start", "1", "--lr-find-end", "0.1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --lr-find-start")
+
+
+def test_suggestion_is_the_smoothed_minimum_over_ten():
+    lrs = list(np.logspace(-6, 0, 61))
+    # falls fastest around 1e-3, bottoms out at 1e-1, then climbs
+    smoothed = [2.0 - math.tanh(2 * (math.log10(lr) + 3)) + (max(0.0, math.log10(lr) + 1) * 10) ** 2
+                for lr in lrs]
+    smoothed[-1] = math.nan  # a diverged last update is left out
+    res = suggest(LRFindResult(lrs=lrs, losses=smoothed, smoothed=smoothed))
+    assert res.lr_min == pytest.approx(1e-1, rel=0.3)
+    assert res.suggestion == pytest.approx(res.lr_min / 10)
+    assert res.lr_steepest == pytest.approx(1e-3, rel=0.3)
