@@ -8,6 +8,9 @@ import logging
 import math
 import os
 import re
+import sys
+import time
+import types
 
 import cv2
 import numpy as np
@@ -16,7 +19,9 @@ import torch
 
 import train_ultimate
 from data import make_demo_dataset
+from training.curves import draw_curves
 from training.lr_find import LRFindResult, suggest
+from training.tb_logger import TensorBoardLogger
 
 TINY = ["--backbone", "edgenext_xx_small", "--no-pretrained", "--img-size", "64", "--num-workers", "0",
         "--no-progress", "--num-experts", "2", "--decoder-channels", "16", "--batch-size", "2"]
@@ -119,3 +124,87 @@ def test_suggestion_is_the_smoothed_minimum_over_ten():
     assert res.lr_min == pytest.approx(1e-1, rel=0.3)
     assert res.suggestion == pytest.approx(res.lr_min / 10)
     assert res.lr_steepest == pytest.approx(1e-3, rel=0.3)
+
+
+# ---- curves.png --------------------------------------------------------------------------------
+
+def synthetic_history(epochs=150, stage1=30):
+    rows = []
+    for e in range(1, epochs + 1):
+        level = 0 if e <= stage1 else min(5, 1 + (e - stage1 - 1) // 10)
+        rows.append({"epoch": e, "stage": 1 if e <= stage1 else 2, "unfreeze_level": level,
+                     "lr": 2.5e-4 * (1 + math.cos(math.pi * (e % 40) / 40)) / 2 + 1e-6,
+                     "train_loss": 2 / e ** 0.3, "train_bce": 1 / e ** 0.3, "train_iou": 0.6 / e ** 0.3,
+                     "train_dice": 0.4 / e ** 0.3, "train_moe_aux": 0.01, "val_loss": 2.1 / e ** 0.25,
+                     "val_iou": 0.7 * (1 - math.exp(-e / 30)), "val_dice": 0.8 * (1 - math.exp(-e / 30)),
+                     "val_sm": 0.75, "val_wfm": 0.6, "val_em_mean": 0.8, "val_mae": 0.05,
+                     "expert0_usage": 0.5, "expert1_usage": 0.5})
+    return rows
+
+
+def test_curves_png_from_a_synthetic_history(tmp_path):
+    events = [{"epoch": 85, "kind": "restart", "text": "LR restart"},
+              {"epoch": 100, "kind": "rollback", "text": "rollback to epoch 98"}]
+    history = synthetic_history()
+    lr_steps = [(e / 10, 1e-4) for e in range(1, 1501)]
+    assert draw_curves(str(tmp_path), history, lr_steps=lr_steps, events=events) == str(tmp_path / "curves.png")
+    t0 = time.perf_counter()  # the second drawing: matplotlib is imported by now, as in epoch 2 on
+    draw_curves(str(tmp_path), history, lr_steps=lr_steps, events=events)
+    seconds = time.perf_counter() - t0
+    assert_png(tmp_path / "curves.png")
+    assert os.listdir(tmp_path) == ["curves.png"]  # the temporary file was renamed, none left
+    assert seconds < 3.0, f"{seconds:.2f} s for 150 epochs (about 0.3 s on an idle core)"
+
+
+def test_curves_png_from_metrics_csv_strings_and_no_crash_on_bad_rows(runs, tmp_path, caplog):
+    with open(os.path.join(runs["a"], "metrics.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))  # strings, as read back from disk
+    assert draw_curves(runs["a"], rows, path=str(tmp_path / "curves.png")) is not None
+    assert_png(tmp_path / "curves.png")
+    with caplog.at_level(logging.INFO, logger="cod"):
+        assert draw_curves(str(tmp_path), [{"no epoch": 1}], path=str(tmp_path / "bad.png")) is None
+    lines = [r.getMessage() for r in caplog.records if "curves.png" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0], lines
+    assert sorted(os.listdir(tmp_path)) == ["curves.png"]
+
+
+# ---- TensorBoard -------------------------------------------------------------------------------
+
+def test_tensorboard_logger_says_once_when_tensorboard_is_missing(tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
+    with caplog.at_level(logging.INFO, logger="cod"):
+        tb = TensorBoardLogger(str(tmp_path / "tb"))
+    assert not tb.enabled
+    assert [r.getMessage() for r in caplog.records if "tensorboard" in r.getMessage()] == [
+        "--tensorboard: tensorboard is not installed (pip install tensorboard): no event files are written"]
+    tb.log_epoch(synthetic_history(2)[0])
+    tb.close()
+    assert not (tmp_path / "tb").exists()
+
+
+def test_tensorboard_logger_writes_each_column_as_a_scalar(tmp_path, monkeypatch):
+    written = []
+
+    class FakeWriter:
+        def __init__(self, log_dir):
+            self.log_dir = log_dir
+
+        def add_scalar(self, tag, value, step):
+            written.append((tag, value, step))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            written.append("closed")
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    tb = TensorBoardLogger(str(tmp_path / "tb"))
+    row = {**synthetic_history(3)[2], "val_iou": float("nan")}
+    tb.log_epoch(row)
+    tb.close()
+    tags = {t: (v, s) for t, v, s in written[:-1]}
+    assert written[-1] == "closed"
+    assert tags["train/loss"] == (pytest.approx(row["train_loss"]), 3)
+    assert tags["lr/head"][1] == 3 and tags["val/dice"][1] == 3 and "experts/expert0" in tags
+    assert tags["run/stage"] == (1.0, 3) and "val/iou" not in tags and "epoch" not in str(tags)
