@@ -4,6 +4,7 @@
     python train_ultimate.py train --dataset-path demo --backbone edgenext_xx_small --no-pretrained
     python train_ultimate.py schedule --steps-per-epoch 100 --scheduler cosine --warmup-epochs 3
     python train_ultimate.py lr-find --dataset-path demo --backbone edgenext_xx_small --no-pretrained
+    python train_ultimate.py compare checkpoints/run_a checkpoints/run_b --metric iou
     python train_ultimate.py <command> --help
 
 This file checks that the dependencies import (``deps.py``), parses the command line into a ``Config``
@@ -22,7 +23,7 @@ from training.control import RunInterrupted
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from training.config import add_train_arguments
+    from training.config import MONITOR_CHOICES, add_train_arguments
 
     parser = argparse.ArgumentParser(
         prog="train_ultimate.py",
@@ -49,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-find-steps", type=int, default=200, help="optimizer updates of the sweep")
     g.add_argument("--lr-find-start", type=float, default=1e-7, help="head LR of the first update")
     g.add_argument("--lr-find-end", type=float, default=1.0, help="head LR of the last update")
+
+    p = sub.add_parser("compare", help="table and overlaid validation curves of several runs")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="checkpoint folders holding metrics.csv")
+    p.add_argument("--out", default="compare.png", help="the plot (default: compare.png here)")
+    p.add_argument("--metric", choices=MONITOR_CHOICES, default="iou",
+                   help="validation metric for best/last and the first panel")
 
     from evaluation.cli import add_evaluate_arguments, add_predict_arguments
 
@@ -81,6 +88,10 @@ def main(argv=None) -> int:
 
             lr_find(config_from_args(args), LRFindOptions(args.stage, args.lr_find_steps, args.lr_find_start,
                                                           args.lr_find_end))
+        elif args.command == "compare":
+            from training.compare import compare_runs
+
+            compare_runs(args.run_dirs, args.out, args.metric)
         elif args.command == "evaluate":
             from evaluation.cli import run_evaluate
 

@@ -208,3 +208,28 @@ def test_tensorboard_logger_writes_each_column_as_a_scalar(tmp_path, monkeypatch
     assert tags["train/loss"] == (pytest.approx(row["train_loss"]), 3)
     assert tags["lr/head"][1] == 3 and tags["val/dice"][1] == 3 and "experts/expert0" in tags
     assert tags["run/stage"] == (1.0, 3) and "val/iou" not in tags and "epoch" not in str(tags)
+
+
+# ---- compare -----------------------------------------------------------------------------------
+
+def test_compare_names_runs_by_folder_and_writes_the_plot(runs, tmp_path, capsys):
+    out = tmp_path / "cmp.png"
+    assert train_ultimate.main(["compare", runs["a"], runs["b"], "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = lines[0].split()
+    assert header[:2] == ["run", "epochs"] and "--lr" in header
+    assert "--checkpoint-dir" not in header and "--seed" not in header  # only flags that differ
+    assert lines[1].split()[0] == "run_a" and lines[2].split()[0] == "run_b"
+    assert lines[1].split()[1] == "3"  # epochs
+    assert "wrote" in lines[-1]
+    assert_png(out)
+
+
+def test_compare_a_folder_without_metrics_csv_is_one_error_line(runs, tmp_path, capsys):
+    empty = tmp_path / "not_a_run"
+    empty.mkdir()
+    assert train_ultimate.main(["compare", runs["a"], str(empty), "--out", str(tmp_path / "x.png")]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and str(empty) in err[0]
+    assert not (tmp_path / "x.png").exists()
