@@ -82,7 +82,7 @@ def differing_flags(runs: list[RunRecord]) -> list[str]:
     """Config keys whose values are not the same in every run that has a config.json."""
     configs = [r.config for r in runs if r.config is not None]
     keys = list(dict.fromkeys(k for c in configs for k in c if k not in NOT_COMPARED))
-    return [k for k in keys if len({json.dumps(c.get(k, "(unset)"), sort_keys=True) for c in configs}) > 1]
+    return [k for k in keys if len({json.dumps(c.get(k, "(absent)"), sort_keys=True) for c in configs}) > 1]
 
 
 def _cell(v) -> str:
@@ -92,6 +92,17 @@ def _cell(v) -> str:
         return f"{v:.4f}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
     text = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
     return text if len(text) <= MAX_CELL else "..." + text[-(MAX_CELL - 3):]
+
+
+def flag_cell(config: Optional[dict], key: str) -> str:
+    if config is None:
+        return "?"
+    if key not in config:
+        return "(absent)"  # a config.json from before the flag existed
+    value = config[key]
+    if value is None:
+        return "(default)"
+    return f"{value:g}" if isinstance(value, float) else _cell(value)
 
 
 def comparison_table(runs: list[RunRecord], column: str, higher_is_better: bool) -> str:
@@ -109,7 +120,7 @@ def comparison_table(runs: list[RunRecord], column: str, higher_is_better: bool)
         for k in shown:
             b, _, lst = best_and_last(run.history, k, True)
             cells += [b, lst]
-        cells += [("?" if run.config is None else run.config.get(k, "(unset)")) for k in flags]
+        cells += [flag_cell(run.config, k) for k in flags]
         lines.append([_cell(c) for c in cells])
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
     out = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
