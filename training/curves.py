@@ -1,7 +1,9 @@
 """``curves.png``: a run's history on one page, redrawn after every epoch.
 
-    loss            every train_* term (train_loss bold) and val_loss (dashed), log scale
-    validation      the scorer's metrics (IoU, Dice, Sm, Fwb, mE, ..., MAE), 0..1
+    loss            every train_* term (train_loss bold; a term that is 0 throughout, such as
+                    train_ds without deep supervision, left out) and val_loss (dashed), log scale
+    validation      the scorer's metrics, IoU and Dice first (Sm, Fwb, mE, mF, MAE, ...; the
+                    adaptive and max E/F forms are left out: they stay in metrics.csv), 0..1
     learning rate   the head LR of each epoch's last update (dots), and of every update if given
     expert usage    each expert's share of the routing (when the rows have expert*_usage)
 
@@ -26,6 +28,7 @@ from training.runlog import atomic_open
 log = logging.getLogger("cod")
 
 EVENT_COLORS = {"restart": "tab:red", "rollback": "tab:purple"}
+LEFT_OUT = ("val_em_adp", "val_em_max", "val_fm_adp", "val_fm_max")  # in metrics.csv; too many lines here
 _said_no_matplotlib = False
 
 
@@ -107,8 +110,9 @@ def _draw(path: str, rows: list, lr_steps: list, events: list) -> None:
     from matplotlib.ticker import MaxNLocator
 
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    train = [k for k in keys if k.startswith("train_")]
-    val = [k for k in keys if k.startswith("val_") and k != "val_loss"]
+    train = [k for k in keys if k.startswith("train_") and any(v != 0 for v in _series(rows, k) if v == v)]
+    val = [k for k in keys if k.startswith("val_") and k not in ("val_loss", *LEFT_OUT)]
+    val.sort(key=lambda k: (k not in ("val_iou", "val_dice"), k != "val_iou"))  # IoU, Dice, then as logged
     experts = [k for k in keys if k.startswith("expert") and k.endswith("_usage")]
     panels = ["loss", "validation", "lr"] + (["experts"] if experts else [])
     x = [r["epoch"] for r in rows]  # a row without one is not a metrics.csv row: say so, draw nothing
