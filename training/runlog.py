@@ -7,8 +7,12 @@ keeps the users' guides' layout: ``Epoch N/M [stage]: Loss | IoU | Dice | Sm | V
 
 from __future__ import annotations
 
+import csv
 import logging
+import math
 import os
+import tempfile
+from contextlib import contextmanager
 from logging.handlers import MemoryHandler
 from typing import Optional
 
@@ -45,6 +49,46 @@ def write_metrics_csv(history: list, path: str) -> None:
         for row in history:
             f.write(",".join(_fmt(row.get(c, "")) for c in columns) + "\n")
     os.replace(tmp, path)
+
+
+def read_metrics_csv(path: str) -> list[dict]:
+    """The rows of a ``metrics.csv`` as dicts of numbers (``epoch``, ``stage`` and ``unfreeze_level``
+    as ints, the rest as floats; an empty cell is NaN), the form ``write_metrics_csv`` was given."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    out = []
+    for row in rows:
+        parsed = {}
+        for k, v in row.items():
+            if k is None:  # a row longer than the header
+                continue
+            try:
+                x = float(v)
+            except (TypeError, ValueError):
+                x = math.nan
+            parsed[k] = int(x) if k in ("epoch", "stage", "unfreeze_level") and x.is_integer() else x
+        out.append(parsed)
+    return out
+
+
+@contextmanager
+def atomic_open(path: str, mode: str = "w"):
+    """``with atomic_open(path, "wb") as f``: write a temporary file beside ``path``, then
+    ``os.replace`` it over ``path``; on an error the temporary file is removed and ``path`` untouched."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # what open() would have given, not mkstemp's 0600
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def _fmt(v) -> str:

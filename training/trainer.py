@@ -30,6 +30,7 @@ from models.flops import forward_gflops
 from training import state as ckpt
 from training.config import Config
 from training.control import RunInterrupted, StopRequest, TimeBudget, continue_command
+from training.curves import draw_curves
 from training.folder import FolderLock, check_folder, move_aside, save_periodic_copy, what_is_kept
 from training.guards import (DivergenceGuard, RollbackNeeded, check_finite_output, plateau_reached,
                              plateau_restart, rollback, snapshot)
@@ -249,6 +250,8 @@ def end_of_epoch(run: Run, stage: Stage, epoch: int, level: int, train_stats: di
             ckpt.save(full, os.path.join(cfg.checkpoint_dir, "best_model.pth"))
         save_periodic_copy(run, full, epoch)
         write_metrics_csv(c.history, os.path.join(cfg.checkpoint_dir, "metrics.csv"))
+        draw_curves(cfg.checkpoint_dir, c.history,  # an event before epoch e is drawn at e - 1
+                    events=[{**e, "epoch": e["epoch"] - 1} for e in c.events])
 
 
 def save(run: Run, stage: Stage, level: int, path: str) -> Optional[dict]:
