@@ -3,6 +3,8 @@
 
     python train_ultimate.py train --dataset-path demo --backbone edgenext_xx_small --no-pretrained
     python train_ultimate.py schedule --steps-per-epoch 100 --scheduler cosine --warmup-epochs 3
+    python train_ultimate.py lr-find --dataset-path demo --backbone edgenext_xx_small --no-pretrained
+    python train_ultimate.py compare checkpoints/run_a checkpoints/run_b --metric iou
     python train_ultimate.py <command> --help
 
 This file checks that the dependencies import (``deps.py``), parses the command line into a ``Config``
@@ -21,7 +23,8 @@ from training.control import RunInterrupted
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from training.config import add_train_arguments
+    from training.config import MONITOR_CHOICES
+    from training.flags import add_train_arguments
 
     parser = argparse.ArgumentParser(
         prog="train_ultimate.py",
@@ -39,6 +42,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default=None, help="write step,epoch,stage,lr for every optimizer step (CSV)")
     g.add_argument("--plot", default=None, help="draw the curve to a PNG (needs matplotlib)")
 
+    p = sub.add_parser("lr-find", help="LR range test: sweep the LR up over a few hundred updates, "
+                       "plot the loss, suggest an LR (writes only lr_find.csv/.png)")
+    add_train_arguments(p)
+    g = p.add_argument_group("lr-find")
+    g.add_argument("--stage", type=int, choices=(1, 2), default=2,
+                   help="1: backbone frozen (an LR for --lr); 2: backbone unfrozen (for --stage2-lr)")
+    g.add_argument("--lr-find-steps", type=int, default=200, help="optimizer updates of the sweep")
+    g.add_argument("--lr-find-start", type=float, default=1e-7, help="head LR of the first update")
+    g.add_argument("--lr-find-end", type=float, default=1.0, help="head LR of the last update")
+
+    p = sub.add_parser("compare", help="table and overlaid validation curves of several runs")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="checkpoint folders holding metrics.csv")
+    p.add_argument("--out", default="compare.png", help="the plot (default: compare.png here)")
+    p.add_argument("--metric", choices=MONITOR_CHOICES, default="iou",
+                   help="validation metric for best/last and the first panel")
+
     from evaluation.cli import add_evaluate_arguments, add_predict_arguments
 
     p = sub.add_parser("evaluate", help="score a checkpoint on every test set of a dataset")
@@ -55,15 +74,25 @@ def main(argv=None) -> int:
         check_dependencies()  # before the parser, whose subcommands import torch, timm and pysodmetrics
         args = build_parser().parse_args(argv)
         if args.command == "train":
-            from training.config import config_from_args
+            from training.flags import config_from_args
             from training.trainer import fit
 
             fit(config_from_args(args), argv=argv)
         elif args.command == "schedule":
-            from training.config import config_from_args
+            from training.flags import config_from_args
             from training.preview import preview_schedule
 
             preview_schedule(config_from_args(args), args.steps_per_epoch, args.out, args.plot)
+        elif args.command == "lr-find":
+            from training.flags import config_from_args
+            from training.lr_find import LRFindOptions, lr_find
+
+            lr_find(config_from_args(args), LRFindOptions(args.stage, args.lr_find_steps, args.lr_find_start,
+                                                          args.lr_find_end))
+        elif args.command == "compare":
+            from training.compare import compare_runs
+
+            compare_runs(args.run_dirs, args.out, args.metric)
         elif args.command == "evaluate":
             from evaluation.cli import run_evaluate
 

@@ -73,7 +73,7 @@ def step_and_validate(rt: Runtime, root: str) -> dict:
             loss, _ = run.loss_fn(run.model(images[i:i + 1]), masks[i:i + 1])
             rt.backward(loss / len(mine))
     grads = {n: p.grad.clone() for n, p in run.net.named_parameters() if p.grad is not None}
-    loop.optimizer_step(run)
+    loop.optimizer_step(run, torch.tensor(0.5))
     return {"val": metrics, "grads": grads, "weights": {k: v.clone() for k, v in run.net.state_dict().items()}}
 
 

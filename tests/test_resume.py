@@ -12,7 +12,7 @@ import schedulers
 import train_ultimate
 from data import make_demo_dataset
 from training import state as ckpt
-from training import loop, trainer
+from training import loop
 
 # accumulation 2 with 3 batches (a partial last group), warm-up, progressive unfreeze, deep
 # supervision, EMA, dropout and drop-path (so the RNG state matters), 4 epochs over both stages

@@ -10,6 +10,7 @@ import torch
 
 import train_ultimate
 from data import make_demo_dataset
+from errors import UserError
 from training import state as ckpt
 
 TINY = ["--backbone", "edgenext_xx_small", "--no-pretrained", "--img-size", "64", "--num-workers", "0",
@@ -127,7 +128,7 @@ def test_atomic_save_keeps_old_file_when_writing_fails(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match=r"cannot write \(disk full\) to .*: the previous last.pth is kept"):
         ckpt.save({"format_version": 1, "model": {}, "epoch": 2}, path)
     assert ckpt.load(path)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]  # no temp file left behind

@@ -16,17 +16,13 @@ import torch
 from tqdm.auto import tqdm
 
 import schedulers
-from errors import UserError
 from evaluation.scorer import Scorer
 from training.config import Config
 from training.control import StopRequest
+from training.guards import DivergenceGuard, RollbackNeeded, TrainingDiverged, lr_factor
 from training.runtime import Runtime
 from training.stages import Stage, steps_per_epoch
 from training.state import Counters, RunState
-
-
-class TrainingDiverged(UserError):
-    pass
 
 
 @dataclass
@@ -38,6 +34,7 @@ class Run:
     loss_fn: torch.nn.Module
     stop: StopRequest
     model: Optional[torch.nn.Module] = None  # what the loop calls: rt.wrap(state.model)
+    guard: Optional[DivergenceGuard] = None  # --divergence-guard
 
     @property
     def net(self) -> torch.nn.Module:
@@ -52,11 +49,17 @@ class Run:
         return self.state.ema.module if self.state.ema is not None else self.state.model
 
 
-def optimizer_step(run: Run) -> None:
-    run.rt.step(run.state.optimizer, run.net, run.cfg.grad_clip)
-    if run.state.ema is not None:
+def optimizer_step(run: Run, loss: torch.Tensor) -> None:
+    """One update; with the divergence guard, a non-finite gradient skips it, and a run of those or
+    a loss spike raises ``RollbackNeeded`` (agreed by all processes). ``loss``: the step's mean loss."""
+    stepped = run.rt.step(run.state.optimizer, run.net, run.cfg.grad_clip, check_finite=run.guard is not None)
+    if stepped and run.state.ema is not None:
         run.state.ema.update(run.net)
     run.counters.global_step += 1
+    if run.guard is not None:
+        reason = run.guard.after_step(float(loss), stepped)
+        if run.rt.any(reason is not None):
+            raise RollbackNeeded(reason or "another process's divergence guard")
 
 
 def mean_over_processes(rt: Runtime, values):
@@ -112,8 +115,9 @@ def train_one_epoch(run: Run, loader, stage_plan, stage: Stage, epoch: int,
         group = i // accum
         group_size = min(accum, n_batches - group * accum)
         if i % accum == 0:
-            head_lr = stage_plan.lr_at(k0 + group)
+            head_lr = stage_plan.lr_at(k0 + group) * lr_factor(run.counters, run.counters.global_step)
             schedulers.apply_lr(run.state.optimizer, head_lr)
+            group_loss = 0.0
         image = batch["image"].to(rt.device, non_blocking=True)
         mask = batch["mask"].to(rt.device, non_blocking=True)
         last_micro = (i + 1) % accum == 0 or i + 1 == n_batches
@@ -122,28 +126,30 @@ def train_one_epoch(run: Run, loader, stage_plan, stage: Stage, epoch: int,
                 outputs = run.model(image)
                 loss, terms = run.loss_fn(outputs, mask)
             rt.backward(loss / group_size)
-        for name, value in {"loss": loss.detach(), **terms}.items():
-            sums[name] = sums.get(name, 0.0) + value.float()
+        group_loss = group_loss + loss.detach().float() / group_size
+        ok = torch.isfinite(loss.detach())  # a non-finite batch is left out of the means (its step skipped)
+        for name, value in {"loss": loss.detach(), **terms, "_batches": torch.ones(())}.items():
+            sums[name] = sums.get(name, 0.0) + torch.where(ok, value.float(), 0.0)
         u = outputs.get("expert_usage")
         if u is not None and u.numel() > 0:
             usage = u.float() if usage is None else usage + u.float()
         bar.update(1)
         if cfg.progress and rt.is_main and (i % 20 == 0 or i + 1 == n_batches):  # the only host syncs
-            bar.set_postfix(loss=f"{sums['loss'].item() / (i + 1):.4f}", lr=f"{head_lr:.2e}")
+            bar.set_postfix(loss=f"{(sums['loss'] / sums['_batches'].clamp(min=1)).item():.4f}", lr=f"{head_lr:.2e}")
         if last_micro:
-            optimizer_step(run)
+            optimizer_step(run, group_loss)
             if i + 1 < n_batches and run.stop.agree(rt):
                 bar.close()
                 return None, progress(i + 1)
     bar.close()
     final = progress(n_batches)
-    out = {"lr": head_lr, **{f"train_{k}": v / n_batches for k, v in final["sums"].items()}}
+    counted = final["sums"].get("_batches", 0.0)
+    out = {"lr": head_lr, **{f"train_{k}": v / counted if counted else math.nan
+                             for k, v in final["sums"].items() if not k.startswith("_")}}
     for e, total in enumerate(final["usage"] or []):
         out[f"expert{e}_usage"] = total / n_batches
     if not math.isfinite(out["train_loss"]):
-        raise TrainingDiverged(
-            f"training loss became {out['train_loss']} in epoch {epoch + 1}; last.pth keeps the last "
-            "good epoch: resume from it with a lower --lr/--stage2-lr or more --warmup-epochs")
+        raise TrainingDiverged(f"the training loss became {out['train_loss']} in epoch {epoch + 1}")
     return out, final
 
 
@@ -169,7 +175,10 @@ def validate(cfg: Config, rt: Runtime, model, loss_fn, loader, stop: Optional[St
             loss, _ = loss_fn(outputs, mask)
         loss_sum += loss.float().item() * image.shape[0]
         seen += image.shape[0]
-        scorer.add(torch.sigmoid(outputs["main"].float()), batch["mask_path"])
+        probs = torch.sigmoid(outputs["main"].float())
+        if not torch.isfinite(probs).all():  # the scorer moves them to the host anyway: no extra sync
+            raise TrainingDiverged(f"the model's predictions became NaN or inf ({desc})")
+        scorer.add(probs, batch["mask_path"])
     if stop is not None and stop.agree(rt, stopped):
         return None
     totals = mean_over_processes(rt, {"loss_sum": loss_sum, "seen": seen})

@@ -38,7 +38,8 @@ def decide_schedule(cfg: Config, saved_config: dict, next_epoch: int,
     changed = schedule_changed(saved_config, cfg)
     if cfg.resume_schedule == "restart" or (cfg.resume_schedule == "auto" and changed):
         why = ("--resume-schedule restart" if cfg.resume_schedule == "restart"
-               else "schedule flags changed: " + ", ".join(f"--{k.replace('_', '-')}" for k in changed))
+               else "schedule flags changed: " + ", ".join(f"--{k.replace('_', '-')}" for k in changed)
+               + "; add --resume-schedule continue to follow the saved curve instead")
         return next_epoch, f"a fresh schedule starts at epoch {next_epoch + 1} ({why})"
     why = ("--resume-schedule continue" if changed else "schedule flags unchanged")
     return saved_restart_at, f"continuing the saved schedule ({why})"

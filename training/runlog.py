@@ -7,8 +7,14 @@ keeps the users' guides' layout: ``Epoch N/M [stage]: Loss | IoU | Dice | Sm | V
 
 from __future__ import annotations
 
+import csv
 import logging
+import math
 import os
+import tempfile
+from contextlib import contextmanager
+from logging.handlers import MemoryHandler
+from typing import Optional
 
 from training.config import Config
 
@@ -45,24 +51,72 @@ def write_metrics_csv(history: list, path: str) -> None:
     os.replace(tmp, path)
 
 
+def read_metrics_csv(path: str) -> list[dict]:
+    """The rows of a ``metrics.csv`` as dicts of numbers (``epoch``, ``stage`` and ``unfreeze_level``
+    as ints, the rest as floats; an empty cell is NaN), the form ``write_metrics_csv`` was given."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    out = []
+    for row in rows:
+        parsed = {}
+        for k, v in row.items():
+            if k is None:  # a row longer than the header
+                continue
+            try:
+                x = float(v)
+            except (TypeError, ValueError):
+                x = math.nan
+            parsed[k] = int(x) if k in ("epoch", "stage", "unfreeze_level") and x.is_integer() else x
+        out.append(parsed)
+    return out
+
+
+@contextmanager
+def atomic_open(path: str, mode: str = "w"):
+    """``with atomic_open(path, "wb") as f``: write a temporary file beside ``path``, then
+    ``os.replace`` it over ``path``; on an error the temporary file is removed and ``path`` untouched."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # what open() would have given, not mkstemp's 0600
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.6g}"
     return str(v)
 
 
-def setup_logging(folder: str, is_main: bool) -> None:
-    """``train.log`` in ``folder`` for the main process; the other processes of a DDP run only
-    report warnings, so that every line is printed once.
+def start_logging(is_main: bool) -> Optional[MemoryHandler]:
+    """At the start of a run. The other processes of a DDP run only report warnings, so that every
+    line is printed once. The main process keeps its lines in memory until ``setup_logging`` has
+    a train.log to put them in: a start that fails (a typo in a path) leaves the folder untouched."""
+    if not is_main:
+        logging.getLogger().setLevel(logging.WARNING)  # the data and model modules' loggers too
+        logging.getLogger("cod").setLevel(logging.WARNING)
+        return None
+    early = MemoryHandler(capacity=1_000_000, flushLevel=logging.CRITICAL + 1)
+    logging.getLogger().addHandler(early)
+    return early
+
+
+def setup_logging(folder: str, early: Optional[MemoryHandler] = None) -> None:
+    """``train.log`` in ``folder``, starting with the lines logged since ``start_logging``.
 
     The file takes what the console shows: its handler sits on the root logger, which the data and
     model modules' loggers (``logging.getLogger(__name__)``) reach as well as ``cod``. A handler
     left by an earlier run in this process (a notebook, the tests) is replaced, not added to."""
     root = logging.getLogger()
-    if not is_main:
-        root.setLevel(logging.WARNING)  # the data and model modules' loggers too
-        logging.getLogger("cod").setLevel(logging.WARNING)
-        return
     for h in [h for h in root.handlers if getattr(h, "cod_train_log", False)]:
         root.removeHandler(h)
         h.close()
@@ -70,6 +124,17 @@ def setup_logging(folder: str, is_main: bool) -> None:
     fh.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     fh.cod_train_log = True
     root.addHandler(fh)
+    if early is not None:
+        early.setTarget(fh)
+        early.flush()
+
+
+def stop_buffering(early: Optional[MemoryHandler]) -> None:
+    """Drop the start-up buffer (its lines are in train.log by now, or the start failed)."""
+    if early is not None:
+        logging.getLogger().removeHandler(early)
+        early.buffer.clear()
+        early.close()
 
 
 def log_model_summary(cfg: Config, model, device, gflops: float) -> None:

@@ -116,20 +116,26 @@ class Runtime:
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    def step(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, grad_clip: float) -> None:
-        """One optimizer update: unscale, clip the gradient norm, step (skipped by the scaler on inf/NaN
-        gradients under fp16), update the scale, zero the gradients."""
+    def step(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, grad_clip: float,
+             check_finite: bool = False) -> bool:
+        """One optimizer update: unscale, clip the gradient norm, step, update the scale, zero the
+        gradients. With ``check_finite`` (one host sync for the gradient norm) an update with inf/NaN
+        gradients is skipped and False returned; under fp16 the scaler skips those by itself and
+        lowers its scale, which is routine, so True is returned."""
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
-        if grad_clip > 0:
+        finite = True
+        if grad_clip > 0 or check_finite:
             params = [p for p in self.unwrap(model).parameters() if p.grad is not None]
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+            finite = bool(torch.isfinite(norm)) if check_finite else True
         if self.scaler is not None:
-            self.scaler.step(optimizer)
+            self.scaler.step(optimizer)  # skips by itself on inf/NaN
             self.scaler.update()
-        else:
+        elif finite:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return finite or self.scaler is not None  # fp16 overflow steps are the scaler's business
 
     # ---- processes ----------------------------------------------------------------------------
     def any(self, flag: bool) -> bool:

@@ -7,11 +7,14 @@ checkpoints; logs and ``metrics.csv`` show them 1-based, as people count.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Optional
 
 from training.config import Config
+
+log = logging.getLogger("cod")
 
 
 @dataclass(frozen=True)
@@ -34,9 +37,10 @@ class Stage:
         return self.end_epoch - self.schedule_start
 
 
-def plan_stages(cfg: Config, restart_at: Optional[int] = None) -> list[Stage]:
-    """The stages with at least one epoch. ``restart_at`` (a resume epoch) starts a fresh schedule
-    there for the stage that contains it: the plateau-breaking restart."""
+def plan_stages(cfg: Config, restart_at: Optional[int] = None, peak_scale: float = 1.0) -> list[Stage]:
+    """The stages with at least one epoch. ``restart_at`` (a resume epoch, or the plateau breaker's)
+    starts a fresh schedule there for the stage that contains it, its peak LR x ``peak_scale``; a
+    scaled restart (the plateau breaker's) warms up for at least one epoch."""
     specs = [
         ("stage1", 0, 0, cfg.stage1_epochs, cfg.lr, cfg.batch_size, 0),
         ("stage2", 1, cfg.stage1_epochs, cfg.epochs, cfg.stage2_lr_value, cfg.stage2_batch_size_value,
@@ -49,6 +53,8 @@ def plan_stages(cfg: Config, restart_at: Optional[int] = None) -> list[Stage]:
         sched_start = start
         if restart_at is not None and start <= restart_at < end:
             sched_start = restart_at
+            if peak_scale != 1.0:
+                lr, warm = lr * peak_scale, max(warm, 1)
         stages.append(Stage(name, index, start, end, lr, bs, warm, sched_start))
     return stages
 
@@ -93,3 +99,27 @@ def batches_per_epoch(num_samples: int, batch_size: int, limit_batches: Optional
 def steps_per_epoch(num_batches: int, accumulation_steps: int) -> int:
     """Optimizer updates per epoch: a final partial accumulation group still makes an update."""
     return math.ceil(num_batches / accumulation_steps)
+
+
+def current_unfreeze_level(run, epoch: int) -> int:
+    """The plan's level, never below what the run already unfroze (a resume with a larger --epochs
+    recomputes the interval; what was trained stays trainable)."""
+    c = run.counters
+    level = unfreeze_level(run.cfg, epoch, run.net.num_backbone_stages)
+    if epoch >= run.cfg.stage1_epochs:
+        level = max(level, c.unfreeze_floor)
+        c.unfreeze_floor = level
+    return level
+
+
+def log_unfreeze_plan(run, start_epoch: int) -> None:
+    cfg, n = run.cfg, run.net.num_backbone_stages
+    if not cfg.progressive_unfreeze or start_epoch >= cfg.epochs:
+        return
+    steps, last = [], None
+    for e in range(max(start_epoch, cfg.stage1_epochs), cfg.epochs):
+        level = max(unfreeze_level(cfg, e, n), run.counters.unfreeze_floor)
+        if level != last:
+            steps.append(f"epoch {e + 1}: {level}")
+            last = level
+    log.info("Unfreeze plan (backbone levels trained, of %d): %s", n + 1, ", ".join(steps))

@@ -15,6 +15,8 @@ old file or the new one, never half of one.
 
 from __future__ import annotations
 
+import copy
+import errno
 import logging
 import os
 import random
@@ -31,19 +33,34 @@ FORMAT_VERSION = 1
 log = logging.getLogger("cod")
 
 
+def _write(state: dict, f) -> None:
+    torch.save(state, f)
+
+
 def save(state: dict, path: str) -> None:
+    """Atomic: the previous file at ``path`` stays whole until the new one is complete. A full disk
+    or an unwritable folder is a UserError saying so (the previous file is still there)."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
+    tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            _write(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp and os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, RuntimeError) and "unexpected pos" in str(e):  # torch's zip writer on ENOSPC
+            e = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if isinstance(e, OSError):
+            kept = f"the previous {os.path.basename(path)} is kept" if os.path.exists(path) else \
+                f"no {os.path.basename(path)} was written"
+            what = "no space left in" if e.errno == errno.ENOSPC else f"cannot write ({e.strerror or e}) to"
+            raise UserError(f"{what} {folder} while saving {os.path.basename(path)}: {kept}; free space "
+                            "or fix the folder, then resume with --resume-from its last.pth") from None
         raise
 
 
@@ -200,6 +217,20 @@ class Counters:
     bad_epochs: int = 0             # epochs without improvement (early stopping)
     restart_at: Optional[int] = None  # epoch where a plateau-breaking resume restarted the schedule
     partial: Optional[dict] = None    # an epoch cut short by a stop request: how far it got
+    periodic: list = field(default_factory=list)  # epoch_NNNN.pth copies this run wrote, oldest first
+    unfreeze_floor: int = 0         # the deepest unfreeze level reached: a resume never re-freezes
+    # the guards (training/guards.py)
+    lr_scale: float = 1.0           # product of the rollbacks' LR back-offs
+    warmup_from: Optional[int] = None  # global step of the last rollback, start of its warm-up
+    warmup_steps: int = 0
+    rollbacks: int = 0
+    plateau_bad: int = 0            # epochs without an improvement by --plateau-min-delta
+    plateau_restarts: int = 0
+    peak_scale: float = 1.0         # product of the plateau restarts' --plateau-lr-factor
+    events: list = field(default_factory=list)  # {"epoch", "kind": rollback|restart, "text"}
+
+    GUARD_FIELDS = ("unfreeze_floor", "lr_scale", "warmup_from", "warmup_steps", "rollbacks", "plateau_bad",
+                    "plateau_restarts", "peak_scale", "events")
 
 
 @dataclass
@@ -230,22 +261,27 @@ class RunState:
             "history": [dict(r) for r in c.history],
             "restart_at": c.restart_at,
             "partial": c.partial,
+            "periodic_copies": list(c.periodic),
+            "guards": {k: copy.deepcopy(getattr(c, k)) for k in Counters.GUARD_FIELDS},
             "rng": rng_state(),
             "rng_ranks": rng_ranks,
             "world_size": len(rng_ranks) if rng_ranks else 1,
             "config": dict(self.config),
         }
 
-    def load_state_dict(self, obj: dict, path: str = "<memory>", rank: int = 0, world_size: int = 1) -> None:
+    def load_state_dict(self, obj: dict, path: str = "<memory>", rank: int = 0, world_size: int = 1,
+                        quiet: bool = False) -> None:
         """Restore a full checkpoint (see ``is_full_checkpoint``) onto the run's device. Tensors come
-        back wherever the model, EMA and optimizer live, whichever device wrote them."""
+        back wherever the model, EMA and optimizer live, whichever device wrote them. ``quiet``: no
+        log lines (a rollback to a state kept in memory)."""
+        info = (lambda *a: None) if quiet else log.info
         load_model_weights(self.model, model_state_of(obj), path)
         c = self.counters
         c.epoch, c.global_step = int(obj["epoch"]), int(obj["global_step"])
         c.history = [dict(r) for r in obj.get("history", []) if r["epoch"] <= c.epoch + 1]
         c.partial = obj.get("partial")
         if c.partial and int(obj.get("world_size", 1)) != world_size:
-            log.info("Resume: %s stopped inside epoch %d on %d processes, this run has %d: the epoch "
+            info("Resume: %s stopped inside epoch %d on %d processes, this run has %d: the epoch "
                      "is trained again from its start", path, c.partial["epoch"] + 1,
                      int(obj.get("world_size", 1)), world_size)
             c.partial = None
@@ -254,17 +290,21 @@ class RunState:
             c.bad_epochs = int(obj.get("bad_epochs", 0))
         else:
             c.best_value, c.best_epoch, c.bad_epochs = None, None, 0
-            log.info("Resume: --monitor changed from %s to %s: the best-model record starts anew",
+            info("Resume: --monitor changed from %s to %s: the best-model record starts anew",
                      obj["best"].get("metric"), self.monitor)
         c.restart_at = obj.get("restart_at")
+        c.periodic = list(obj.get("periodic_copies", []))
+        defaults = Counters()
+        for k in Counters.GUARD_FIELDS:
+            setattr(c, k, copy.deepcopy(obj.get("guards", {}).get(k, getattr(defaults, k))))
         try:
             self.optimizer.load_state_dict(obj["optimizer"])  # moves the moments to the params' device
         except (ValueError, KeyError):
-            log.info("Resume: the optimizer state does not fit this model: fresh optimizer moments")
+            info("Resume: the optimizer state does not fit this model: fresh optimizer moments")
         if self.scaler is not None and obj.get("scaler"):
             self.scaler.load_state_dict(obj["scaler"])
         elif self.scaler is not None or obj.get("scaler"):
-            log.info("Resume: the checkpoint was trained %s fp16 loss scaling and this run %s: the loss "
+            info("Resume: the checkpoint was trained %s fp16 loss scaling and this run %s: the loss "
                      "scale starts afresh", "with" if obj.get("scaler") else "without",
                      "uses it" if self.scaler is not None else "does not (CPU, bf16 or --amp off)")
         if self.ema is not None:

@@ -17,6 +17,7 @@ import math
 import os
 import signal
 import time
+from contextlib import nullcontext
 from typing import Optional
 
 import torch
@@ -29,14 +30,19 @@ from models.flops import forward_gflops
 from training import state as ckpt
 from training.config import Config
 from training.control import RunInterrupted, StopRequest, TimeBudget, continue_command
+from training.curves import draw_curves
+from training.folder import FolderLock, check_folder, move_aside, save_periodic_copy, what_is_kept
+from training.guards import (DivergenceGuard, RollbackNeeded, check_finite_output, plateau_reached,
+                             plateau_restart, rollback, snapshot)
 from training.ema import ModelEma
 from training.loop import Run, TrainingDiverged, train_one_epoch, validate  # noqa: F401 (re-exported)
 from training.resume import resume_run
-from training.runlog import format_epoch_line, log_model_summary, setup_logging, write_metrics_csv
+from training.runlog import (format_epoch_line, log_model_summary, setup_logging, start_logging, stop_buffering,
+                             write_metrics_csv)
 from training.runtime import Runtime, make_runtime
 from training.setup import (build_optimizer, load_data, make_loader, make_lr_plan, seed_everything,
                             train_samples_per_process)
-from training.stages import Stage, plan_stages, unfreeze_level
+from training.stages import Stage, current_unfreeze_level, log_unfreeze_plan, plan_stages
 from training.state import RunState
 
 log = logging.getLogger("cod")
@@ -46,19 +52,73 @@ def fit(cfg: Config, argv: Optional[list] = None) -> dict:
     """Train; ``argv`` (the command line) is only used to print the exact command that goes on."""
     rt = make_runtime(cfg.device, cfg.amp)
     try:
-        return _fit(cfg, rt, argv)
+        check_folder(cfg)  # before anything is written: a trained model is never replaced
+        if rt.is_main:
+            os.makedirs(cfg.checkpoint_dir, exist_ok=True)
+        rt.barrier()
+        with FolderLock(cfg.checkpoint_dir) if rt.is_main else nullcontext():
+            if rt.is_main and cfg.overwrite:
+                move_aside(cfg.checkpoint_dir)
+            try:
+                return _fit(cfg, rt, argv)
+            except TrainingDiverged as e:
+                kept = what_is_kept(cfg)
+                fix = "a lower --lr/--stage2-lr or more --warmup-epochs"
+                raise TrainingDiverged(f"{e}: stopped; " + (f"{kept}: resume from last.pth with {fix}" if kept
+                                       else f"no checkpoint was written to {cfg.checkpoint_dir}: start "
+                                            f"again with {fix}")) from None
     finally:
         rt.close()
 
 
 def _fit(cfg: Config, rt: Runtime, argv: Optional[list]) -> dict:
-    if rt.is_main:
-        os.makedirs(cfg.checkpoint_dir, exist_ok=True)
-    rt.barrier()
-    setup_logging(cfg.checkpoint_dir, rt.is_main)
-    if rt.is_main:
-        with open(os.path.join(cfg.checkpoint_dir, "config.json"), "w") as f:
-            json.dump(cfg.to_dict(), f, indent=2)
+    early = start_logging(rt.is_main)  # train.log gets these lines only if the start succeeds
+    try:
+        run, index, train_samples, val_samples = start_run(cfg, rt)
+        if rt.is_main:  # only once the data, the model and the resume are known to work
+            with open(os.path.join(cfg.checkpoint_dir, "config.json"), "w") as f:
+                json.dump(cfg.to_dict(), f, indent=2)
+            setup_logging(cfg.checkpoint_dir, early)
+    finally:
+        stop_buffering(early)
+    c = run.counters
+    start_epoch = c.partial["epoch"] if c.partial else c.epoch + 1
+    if cfg.skip_stage1 and start_epoch < cfg.stage1_epochs:
+        log.info("--skip-stage1: stage 2 starts at epoch %d from %s", cfg.stage1_epochs + 1,
+                 "the resumed weights" if cfg.resume_from else
+                 "the initial (%s) weights" % ("pretrained" if cfg.pretrained else "random"))
+        start_epoch, c.partial, c.restart_at = cfg.stage1_epochs, None, None
+    if start_epoch >= cfg.epochs:
+        log.info("Nothing to train: epoch %d already reached --epochs %d (raise --epochs to go on)",
+                 start_epoch, cfg.epochs)
+        return summary(run, finished=True)
+
+    log_unfreeze_plan(run, start_epoch)
+    budget = TimeBudget(cfg.time_limit_s)
+    with run.stop:
+        outcome = "replan"
+        while outcome == "replan":  # the plateau breaker restarts the schedule: plan again from there
+            stages = plan_stages(cfg, restart_at=c.restart_at, peak_scale=c.peak_scale)
+            plan = make_lr_plan(cfg, stages, n_train=train_samples_per_process(len(train_samples), rt.world_size))
+            log.info("%s\n%s", schedulers.format_plan(plan), schedulers.ascii_plot(plan))
+            for stage, stage_plan in zip(stages, plan.stages):
+                if stage.end_epoch <= start_epoch:
+                    continue
+                outcome = run_stage(run, stage, stage_plan, start_epoch, train_samples, val_samples, budget, argv)
+                if outcome != "done":
+                    break
+            start_epoch = c.epoch + 1
+        if outcome == "stopped":
+            return summary(run, finished=False)
+        log.info("Done. Best %s -> %s", best_text(run),
+                 os.path.join(cfg.checkpoint_dir, "best_model.pth"))
+        out = summary(run, finished=True)
+        out["test"] = evaluate_test_sets(run, index)
+    return out
+
+
+def start_run(cfg: Config, rt: Runtime):
+    """Data, model, optimizer and the resumed state: ``(run, index, train, val)``."""
     seed_everything(cfg.seed)
     log.info("Device: %s | seed %d", rt.describe(), cfg.seed)
     if not rt.is_main:
@@ -73,38 +133,9 @@ def _fit(cfg: Config, rt: Runtime, argv: Optional[list]) -> dict:
              "step (stage 2: %d)", cfg.batch_size, rt.world_size, "es" if rt.world_size > 1 else "",
              cfg.accumulation_steps, cfg.batch_size * rt.world_size * cfg.accumulation_steps,
              cfg.stage2_batch_size_value * rt.world_size * cfg.accumulation_steps)
-    c = run.counters
     if cfg.resume_from:
         resume_run(run)
-    start_epoch = c.partial["epoch"] if c.partial else c.epoch + 1
-    if cfg.skip_stage1 and start_epoch < cfg.stage1_epochs:
-        log.info("--skip-stage1: stage 2 starts at epoch %d from %s", cfg.stage1_epochs + 1,
-                 "the resumed weights" if cfg.resume_from else
-                 "the initial (%s) weights" % ("pretrained" if cfg.pretrained else "random"))
-        start_epoch, c.partial, c.restart_at = cfg.stage1_epochs, None, None
-    if start_epoch >= cfg.epochs:
-        log.info("Nothing to train: epoch %d already reached --epochs %d (raise --epochs to go on)",
-                 start_epoch, cfg.epochs)
-        return summary(run, finished=True)
-
-    stages = plan_stages(cfg, restart_at=c.restart_at)
-    plan = make_lr_plan(cfg, stages, n_train=train_samples_per_process(len(train_samples), rt.world_size))
-    log.info("%s\n%s", schedulers.format_plan(plan), schedulers.ascii_plot(plan))
-    budget = TimeBudget(cfg.time_limit_s)
-    with run.stop:
-        for stage, stage_plan in zip(stages, plan.stages):
-            if stage.end_epoch <= start_epoch:
-                continue
-            outcome = run_stage(run, stage, stage_plan, start_epoch, train_samples, val_samples, budget, argv)
-            if outcome == "stopped":
-                return summary(run, finished=False)
-            if outcome == "early stop":
-                break
-        log.info("Done. Best %s %s -> %s", cfg.monitor, best_text(run),
-                 os.path.join(cfg.checkpoint_dir, "best_model.pth"))
-        out = summary(run, finished=True)
-        out["test"] = evaluate_test_sets(run, index)
-    return out
+    return run, index, train_samples, val_samples
 
 
 def build_run(cfg: Config, rt: Runtime) -> Run:
@@ -119,7 +150,8 @@ def build_run(cfg: Config, rt: Runtime) -> Run:
         log_model_summary(cfg, model, rt.device, forward_gflops(model, cfg.img_size, rt.device))
     state = RunState(model, build_optimizer(cfg, model), rt.scaler,
                      ModelEma(model, cfg.ema_decay) if cfg.ema else None, cfg.to_dict(), cfg.monitor)
-    return Run(cfg, rt, state, loss_fn, StopRequest())
+    return Run(cfg, rt, state, loss_fn, StopRequest(),
+               guard=DivergenceGuard(cfg.spike_factor) if cfg.divergence_guard else None)
 
 
 def run_stage(run: Run, stage: Stage, stage_plan, first_epoch: int, train_samples, val_samples,
@@ -131,6 +163,7 @@ def run_stage(run: Run, stage: Stage, stage_plan, first_epoch: int, train_sample
     train_loader = make_loader(cfg, rt, train_samples, stage.batch_size, train=True, seed_offset=stage.index)
     val_loader = make_loader(cfg, rt, val_samples, stage.batch_size, train=False) if val_samples else None
     restarts = set(stage_plan.restart_epochs())
+    good = snapshot(run.state.state_dict(stage.index + 1, 0))  # the rollback point
     for epoch in range(max(stage.start_epoch, first_epoch), stage.end_epoch):
         if epoch in (stage.start_epoch, stage.schedule_start) or epoch in restarts:
             c.bad_epochs = 0  # patience restarts with the stage and each LR restart
@@ -139,14 +172,24 @@ def run_stage(run: Run, stage: Stage, stage_plan, first_epoch: int, train_sample
             log.info("%s: stopping before epoch %d. Go on with:\n  %s", reason, epoch + 1,
                      continue_command(argv, last_path))
             return "stopped"
-        level = unfreeze_level(cfg, epoch, run.net.num_backbone_stages)
-        run.net.set_backbone_trainable(level)
-        run.model = rt.wrap(run.net)  # under DDP: re-wrapped when the trainable parameters changed
-        train_loader.set_epoch(epoch)
+        level = current_unfreeze_level(run, epoch)
         t0 = time.time()
-        partial, c.partial = c.partial, None
-        train_stats, progress = train_one_epoch(run, train_loader, stage_plan, stage, epoch, partial)
-        val_stats = validate_epoch(run, val_loader) if train_stats and not run.stop.agree(rt) else None
+        while True:  # an epoch, again after each rollback of the divergence guard
+            run.net.set_backbone_trainable(level)
+            run.model = rt.wrap(run.net)  # under DDP: re-wrapped when the trainable parameters changed
+            train_loader.set_epoch(epoch)
+            partial, c.partial = c.partial, None
+            try:
+                train_stats, progress = train_one_epoch(run, train_loader, stage_plan, stage, epoch, partial)
+                val_stats = validate_epoch(run, val_loader) if train_stats and not run.stop.agree(rt) else None
+                if val_stats == {}:
+                    check_finite_output(run, epoch)  # no validation would have noticed
+                break
+            except (RollbackNeeded, TrainingDiverged) as e:
+                if run.guard is None:
+                    raise
+                rollback(run, good, str(e), epoch, stage_plan.steps_per_epoch)
+                run.guard.reset()
         if val_stats is None:  # a stop request: in the epoch, at its end, or in validation
             c.partial = progress
             save(run, stage, level, last_path)
@@ -155,6 +198,13 @@ def run_stage(run: Run, stage: Stage, stage_plan, first_epoch: int, train_sample
                               last_path, argv)
         end_of_epoch(run, stage, epoch, level, train_stats, val_stats, time.time() - t0)
         budget.record(time.time() - t0)
+        if run.guard is not None:
+            good = snapshot(run.state.state_dict(stage.index + 1, level))
+        if plateau_reached(cfg, c, epoch):
+            best_path = os.path.join(cfg.checkpoint_dir, "best_model.pth")
+            rt.barrier()
+            plateau_restart(run, epoch, ckpt.load(best_path) if os.path.isfile(best_path) else None)
+            return "replan"
         if cfg.early_stop_patience and c.bad_epochs >= cfg.early_stop_patience:
             log.info("Early stop: %d epochs without a better %s", c.bad_epochs, cfg.monitor)
             return "early stop"
@@ -176,12 +226,19 @@ def end_of_epoch(run: Run, stage: Stage, epoch: int, level: int, train_stats: di
     """Log one line, update the best record, save last/best/periodic and metrics.csv."""
     cfg, c = run.cfg, run.counters
     monitor_key, higher_is_better = resolve_monitor(cfg.monitor)
+    if not val_stats:  # no validation split: the training loss is what is monitored
+        monitor_key, higher_is_better = "train_loss", False
     c.epoch = epoch
     row = {"epoch": epoch + 1, "stage": stage.index + 1, "unfreeze_level": level, **train_stats,
            **{f"val_{k}": v for k, v in val_stats.items()}}
     c.history.append(row)
-    value = val_stats.get(monitor_key, -train_stats["train_loss"])
-    improved = is_improvement(value, c.best_value, higher_is_better if val_stats else True)
+    value = val_stats.get(monitor_key, train_stats["train_loss"])
+    improved = is_improvement(value, c.best_value, higher_is_better)
+    gain = (value - c.best_value) * (1 if higher_is_better else -1) if c.best_value is not None else math.inf
+    c.plateau_bad = 0 if math.isfinite(value) and gain > cfg.plateau_min_delta else c.plateau_bad + 1
+    events = [e["kind"] for e in c.events if e["epoch"] == epoch + 1]
+    if events:
+        row["events"] = "+".join(events)
     if improved:
         c.best_value, c.best_epoch, c.bad_epochs = value, epoch, 0
     else:
@@ -191,31 +248,23 @@ def end_of_epoch(run: Run, stage: Stage, epoch: int, level: int, train_stats: di
     if run.rt.is_main:
         if improved:
             ckpt.save(full, os.path.join(cfg.checkpoint_dir, "best_model.pth"))
-        save_periodic_copy(cfg, full, epoch)
+        save_periodic_copy(run, full, epoch)
         write_metrics_csv(c.history, os.path.join(cfg.checkpoint_dir, "metrics.csv"))
+        draw_curves(cfg.checkpoint_dir, c.history,  # an event before epoch e is drawn at e - 1
+                    events=[{**e, "epoch": e["epoch"] - 1} for e in c.events])
 
 
 def save(run: Run, stage: Stage, level: int, path: str) -> Optional[dict]:
     """Write the run's state to ``path`` from the main process (every process takes part: the RNG
     states of all of them go into the file). Returns the state on the main process."""
     rng_ranks = run.rt.gather(ckpt.rng_state()) if run.rt.world_size > 1 else None
+    if not bool(torch.stack([torch.isfinite(p).all() for p in run.net.parameters()]).all()):
+        raise TrainingDiverged("the weights became NaN or inf")  # never saved
     if not run.rt.is_main:
         return None
     full = run.state.state_dict(stage.index + 1, level, rng_ranks)
     ckpt.save(full, path)
     return full
-
-
-def save_periodic_copy(cfg: Config, full: dict, epoch: int) -> None:
-    """``--save-every N``: epoch_NNNN.pth every N epochs, the newest ``--keep-last K`` kept."""
-    if not cfg.save_every or (epoch + 1) % cfg.save_every:
-        return
-    ckpt.save(full, os.path.join(cfg.checkpoint_dir, f"epoch_{epoch + 1:04d}.pth"))
-    if cfg.keep_last:
-        copies = sorted(f for f in os.listdir(cfg.checkpoint_dir)
-                        if f.startswith("epoch_") and f.endswith(".pth"))
-        for old in copies[:-cfg.keep_last]:
-            os.remove(os.path.join(cfg.checkpoint_dir, old))
 
 
 def is_improvement(value: float, best: Optional[float], higher_is_better: bool) -> bool:
@@ -242,8 +291,10 @@ def stop_reason(cfg: Config, budget: TimeBudget) -> Optional[str]:
 
 
 def best_text(run: Run) -> str:
+    """'iou 0.4612 at epoch 8', naming what was monitored ('train loss' without a validation split)."""
     c = run.counters
-    return "none" if c.best_value is None else f"{c.best_value:.4f} at epoch {c.best_epoch + 1}"
+    name = run.cfg.monitor if any(k.startswith("val_") for r in c.history for k in r) else "train loss"
+    return f"{name} " + ("none" if c.best_value is None else f"{c.best_value:.4f} at epoch {c.best_epoch + 1}")
 
 
 def summary(run: Run, finished: bool) -> dict:

@@ -1,0 +1,164 @@
+"""The checkpoint folder is sacred (docs/checkpoints.md): each case through the command line, checking
+the exit status, the one-line message, no traceback, and that earlier files are byte-identical or
+moved aside as promised."""
+
+import errno
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+import train_ultimate
+from data import make_demo_dataset
+from training import state as ckpt
+from training.folder import FolderLock
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--backbone", "edgenext_xx_small", "--no-pretrained", "--img-size", "64", "--stage1-epochs", "1",
+        "--limit-batches", "2", "--num-workers", "0", "--no-progress", "--num-experts", "2", "--batch-size", "4"]
+
+
+def cli(*args):
+    proc = subprocess.run([sys.executable, "train_ultimate.py", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def digest(folder):
+    """{relative path: sha256} of every file under ``folder``, the lock file aside."""
+    out = {}
+    for base, _, files in os.walk(folder):
+        for name in files:
+            if name != ".cod-run.lock":
+                path = os.path.join(base, name)
+                out[os.path.relpath(path, folder)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return out
+
+
+def one_error_line(text):
+    errors = [line for line in text.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in text, text
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return make_demo_dataset(str(tmp_path_factory.mktemp("folder_demo")), n_train=12, n_test=2, size=64, seed=4)
+
+
+@pytest.fixture(scope="module")
+def finished(root, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("finished") / "run")
+    rc, text = cli("train", "--dataset-path", root, "--checkpoint-dir", out, *TINY, "--epochs", "2")
+    assert rc == 0, text
+    return out
+
+
+def test_1_a_fresh_run_never_replaces_a_trained_one(root, finished, tmp_path):
+    before = digest(finished)
+    rc, text = cli("train", "--dataset-path", root, "--checkpoint-dir", finished, *TINY, "--epochs", "1")
+    line = one_error_line(text)
+    assert rc == 2 and "already holds a run" in line and f"--resume-from {finished}/last.pth" in line
+    assert "--overwrite" in line
+    assert digest(finished) == before
+    # a failed start (a dataset path typo) while resuming touches nothing either, config.json included
+    rc, text = cli("train", "--dataset-path", root + "-typo", "--checkpoint-dir", finished, *TINY, "--epochs", "3",
+                   "--resume-from", os.path.join(finished, "last.pth"))
+    assert rc == 2 and root + "-typo" in one_error_line(text)
+    assert digest(finished) == before
+    # --overwrite moves the old files aside, whole
+    copy = str(tmp_path / "copy")
+    import shutil
+    shutil.copytree(finished, copy)
+    rc, text = cli("train", "--dataset-path", root, "--checkpoint-dir", copy, *TINY, "--epochs", "1", "--overwrite")
+    assert rc == 0, text
+    aside = [d for d in os.listdir(copy) if d.startswith("previous-")]
+    assert len(aside) == 1 and "moved to" in text
+    moved = digest(os.path.join(copy, aside[0]))
+    assert moved == {k: v for k, v in before.items()}
+    assert ckpt.load(os.path.join(copy, "best_model.pth"))["epoch"] == 0
+
+
+def test_2_two_runs_never_share_a_folder(root, tmp_path):
+    folder = str(tmp_path / "busy")
+    os.makedirs(folder)
+    with FolderLock(folder):  # another run holds it
+        rc, text = cli("train", "--dataset-path", root, "--checkpoint-dir", folder, *TINY, "--epochs", "1")
+    line = one_error_line(text)
+    assert rc == 2 and "in use by another run" in line and f"pid {os.getpid()}" in line
+    assert not os.path.exists(os.path.join(folder, "config.json"))
+
+
+def test_3_keep_last_deletes_only_the_copies_this_run_wrote(root, tmp_path):
+    folder = tmp_path / "periodic"
+    folder.mkdir()
+    (folder / "epoch_0000_pretrained_backup.pth").write_bytes(b"the user's own file")
+    (folder / "epoch_final_good.pth").write_bytes(b"another one")
+    before = digest(str(folder))
+    rc, text = cli("train", "--dataset-path", root, "--checkpoint-dir", str(folder), *TINY, "--epochs", "3",
+                   "--save-every", "1", "--keep-last", "1")
+    assert rc == 0, text
+    after = digest(str(folder))
+    assert {k: after[k] for k in before} == before
+    assert sorted(f for f in os.listdir(folder) if f.startswith("epoch_")) == [
+        "epoch_0000_pretrained_backup.pth", "epoch_0003.pth", "epoch_final_good.pth"]
+
+
+def test_4_a_diverged_model_is_never_saved(root, finished, tmp_path):
+    # without a validation split, from the first epoch: nothing is written, and the message says so
+    out = str(tmp_path / "diverged")
+    rc, text = cli("train", "--dataset-path", root, "--checkpoint-dir", out, *TINY, "--epochs", "2",
+                   "--lr", "1e6", "--min-lr", "0", "--scheduler", "none", "--val-split", "0", "--limit-batches", "1")
+    line = one_error_line(text)
+    assert rc == 2 and "NaN or inf" in line and "no checkpoint was written" in line
+    assert not [f for f in os.listdir(out) if f.endswith(".pth")]
+    # diverging after a good epoch keeps that epoch's files byte for byte and names them
+    import shutil
+    good = str(tmp_path / "good")
+    shutil.copytree(finished, good)
+    before = digest(good)
+    rc, text = cli("train", "--dataset-path", root, "--checkpoint-dir", good, *TINY, "--epochs", "4", "--lr", "1e6",
+                   "--min-lr", "0", "--scheduler", "none", "--resume-from", os.path.join(good, "last.pth"))
+    line = one_error_line(text)
+    assert rc == 2 and "last.pth keeps epoch 2" in line and "best_model.pth keeps epoch" in line
+    after = digest(good)
+    for name in ("best_model.pth", "last.pth"):
+        assert after[name] == before[name]
+
+
+def test_4_without_validation_the_log_names_the_training_loss(root, tmp_path):
+    out = str(tmp_path / "noval")
+    rc, text = cli("train", "--dataset-path", root, "--checkpoint-dir", out, *TINY, "--epochs", "2", "--val-split", "0")
+    assert rc == 0, text
+    assert "Done. Best train loss" in text and "Best iou -" not in text
+
+
+def test_7_nan_first_seen_in_validation_is_one_line(root, tmp_path):
+    out = str(tmp_path / "valnan")
+    rc, text = cli("train", "--dataset-path", root, "--checkpoint-dir", out, *TINY, "--epochs", "2",
+                   "--lr", "1e5", "--scheduler", "none", "--limit-batches", "1")
+    line = one_error_line(text)
+    assert rc == 2 and "NaN or inf" in line and "pred must be probabilities" not in text
+
+
+def test_8_disk_full_keeps_the_last_good_file(root, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "full")
+    base = ["train", "--dataset-path", root, "--checkpoint-dir", out, *TINY]
+    assert train_ultimate.main([*base, "--epochs", "1"]) == 0
+    before = digest(out)
+    capsys.readouterr()
+
+    def no_space(state, f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ckpt, "_write", no_space)
+    rc = train_ultimate.main([*base, "--epochs", "2", "--resume-from", os.path.join(out, "last.pth")])
+    captured = capsys.readouterr()
+    line = one_error_line(captured.err)
+    assert rc == 2 and f"no space left in {out}" in line and "the previous last.pth is kept" in line
+    after = digest(out)
+    assert after["last.pth"] == before["last.pth"] and after["best_model.pth"] == before["best_model.pth"]
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]

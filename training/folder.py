@@ -1,0 +1,154 @@
+"""The checkpoint folder is sacred: a fresh run never replaces a trained one, two runs never share
+one, and ``--keep-last`` deletes only the copies this run wrote.
+
+    check_folder(cfg)            refuse a folder that holds a run, unless resuming it or --overwrite
+    with FolderLock(dir): ...    one run at a time (an OS lock, released when the process ends)
+    prune_periodic(dir, written, keep)
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import shutil
+import time
+from typing import Optional
+
+from errors import UserError
+from training import state
+from training.config import Config
+
+log = logging.getLogger("cod")
+
+# What a run writes; epoch_NNNN.pth copies are matched separately.
+RUN_FILES = ("best_model.pth", "last.pth", "metrics.csv", "config.json", "test_metrics.json", "train.log",
+             "curves.png")
+LOCK_NAME = ".cod-run.lock"
+
+
+def run_files(folder: str) -> list[str]:
+    """The files a run leaves (periodic ``epoch_*.pth`` copies are matched by name only when the
+    folder holds a run: a user's own ``epoch_*`` file alone does not make a folder a run)."""
+    if not os.path.isdir(folder):
+        return []
+    names = os.listdir(folder)
+    found = [f for f in names if f in RUN_FILES
+             or (f.startswith("metrics-until-epoch") and f.endswith(".csv"))]
+    if found:
+        found += [f for f in names if f.startswith("epoch_") and f.endswith(".pth")]
+    return sorted(found)
+
+
+def describe_run(folder: str) -> str:
+    """'best_model.pth from epoch 4, best iou 0.3706' from the folder's metrics.csv, if readable."""
+    import csv
+
+    try:
+        with open(os.path.join(folder, "metrics.csv")) as f:
+            rows = list(csv.DictReader(f))
+        return f"{len(rows)} epoch(s) in metrics.csv" if rows else "an empty metrics.csv"
+    except OSError:
+        return "files of a run"
+
+
+def check_folder(cfg: Config) -> None:
+    """Before anything is written. A folder holding a run is refused unless ``--resume-from`` names a
+    file in it (the run goes on) or ``--overwrite`` moves the old files into a subfolder."""
+    folder = os.path.abspath(cfg.checkpoint_dir)
+    found = run_files(folder)
+    if not found:
+        return
+    resuming_here = cfg.resume_from and os.path.dirname(os.path.abspath(cfg.resume_from)) == folder
+    if resuming_here:
+        return
+    if not cfg.overwrite:
+        raise UserError(
+            f"--checkpoint-dir {cfg.checkpoint_dir} already holds a run ({describe_run(folder)}; "
+            f"{', '.join(found[:4])}{'...' if len(found) > 4 else ''}): go on with --resume-from "
+            f"{os.path.join(cfg.checkpoint_dir, 'last.pth')}, use another --checkpoint-dir, or add "
+            "--overwrite to move its files aside into a subfolder")
+
+
+def move_aside(folder: str) -> Optional[str]:
+    """``--overwrite``: the old run's files go to ``previous-<time>/`` inside the folder, not away."""
+    found = run_files(folder)
+    if not found:
+        return None
+    dest = os.path.join(folder, time.strftime("previous-%Y%m%d-%H%M%S"))
+    n = 1
+    while os.path.exists(dest):
+        dest = f"{dest.rsplit('.', 1)[0]}.{n}"
+        n += 1
+    os.makedirs(dest)
+    for name in found:
+        shutil.move(os.path.join(folder, name), os.path.join(dest, name))
+    log.info("--overwrite: the previous run's %d files moved to %s", len(found), dest)
+    return dest
+
+
+class FolderLock:
+    """An exclusive ``flock`` on ``<folder>/.cod-run.lock`` for the life of the run. The OS releases
+    it when the process ends, however it ends, so a killed run leaves no stale lock."""
+
+    def __init__(self, folder: str):
+        self.path = os.path.join(folder, LOCK_NAME)
+        self.fd: Optional[int] = None
+
+    def __enter__(self):
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise UserError(f"--checkpoint-dir {os.path.dirname(self.path)} is in use by another run "
+                            f"({holder}): wait for it to end, or use another --checkpoint-dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)  # releases the lock; the file may stay (it is empty of meaning)
+            self.fd = None
+        return False
+
+
+def prune_periodic(folder: str, written: list, keep: Optional[int]) -> list:
+    """``--keep-last K``: delete the oldest periodic copies *this run wrote* (``written``, in order),
+    keeping the newest K; copies it did not write are never touched. Returns what is kept."""
+    if not keep or len(written) <= keep:
+        return list(written)
+    for name in written[:-keep]:
+        try:
+            os.remove(os.path.join(folder, name))
+        except FileNotFoundError:
+            pass
+    return list(written[-keep:])
+
+
+def what_is_kept(cfg: Config) -> str:
+    """Exactly what the folder holds after a divergence (nothing diverged is ever saved)."""
+    kept = []
+    for name in ("last.pth", "best_model.pth"):
+        path = os.path.join(cfg.checkpoint_dir, name)
+        if os.path.isfile(path):
+            kept.append(f"{name} keeps epoch {state.load(path)['epoch'] + 1}")
+    return ", ".join(kept)
+
+
+def save_periodic_copy(run, full: dict, epoch: int) -> None:
+    """``--save-every N``: epoch_NNNN.pth every N epochs; ``--keep-last K`` keeps the newest K of the
+    copies this run wrote (files it did not write are never deleted)."""
+    cfg, c = run.cfg, run.counters
+    if not cfg.save_every or (epoch + 1) % cfg.save_every:
+        return
+    name = f"epoch_{epoch + 1:04d}.pth"
+    c.periodic = [n for n in c.periodic if n != name] + [name]
+    state.save({**full, "periodic_copies": list(c.periodic)}, os.path.join(cfg.checkpoint_dir, name))
+    c.periodic = prune_periodic(cfg.checkpoint_dir, c.periodic, cfg.keep_last)

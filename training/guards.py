@@ -1,0 +1,181 @@
+"""Guard rails that do what the users' guides tell people to do by hand, visibly, each one switchable.
+
+- ``DivergenceGuard`` (every optimizer step): a non-finite loss or gradient skips the step (the
+  runtime does that; GradScaler too under fp16); several non-finite steps in a row, or a loss above
+  ``--spike-factor`` x the running median of recent losses, ask for a rollback.
+- ``rollback``: back to the last good state kept in memory (the end of the last good epoch), the LR
+  multiplied by ``--lr-backoff`` from then on, with a short linear warm-up; after
+  ``--max-rollbacks`` the run stops, with the last good checkpoint on disk intact.
+- ``plateau_restart``: when the monitored metric has not improved by ``--plateau-min-delta`` for
+  ``--plateau-patience`` epochs, the schedule restarts from the next epoch with its peak scaled by
+  ``--plateau-lr-factor``, from the best or the current weights, at most ``--plateau-max-restarts``
+  times.
+
+Everything they change lives in the run's counters, so it is saved in checkpoints and a resume
+continues with the same LR factor, the same restarted schedule and the same counts.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import statistics
+from collections import deque
+from typing import TYPE_CHECKING, Optional
+
+import torch
+
+from errors import UserError
+from training.state import Counters
+
+if TYPE_CHECKING:
+    from training.config import Config
+
+log = logging.getLogger("cod")
+
+ROLLBACK_WARMUP_STEPS = 20  # optimizer steps of linear warm-up after a rollback (fewer in short epochs)
+MIN_HISTORY = 10            # losses seen before a spike can be judged
+
+
+class TrainingDiverged(UserError):
+    """The run diverged and stops; the trainer adds what the checkpoint folder keeps."""
+
+
+class RollbackNeeded(Exception):
+    """Raised inside an epoch when the divergence guard asks to go back to the last good state."""
+
+
+class DivergenceGuard:
+    def __init__(self, spike_factor: float, max_bad_steps: int = 3, window: int = 100):
+        self.spike_factor = spike_factor
+        self.max_bad_steps = max_bad_steps
+        self.losses: deque = deque(maxlen=window)
+        self.bad_in_row = 0
+
+    def reset(self) -> None:
+        self.bad_in_row = 0
+
+    def after_step(self, loss: float, stepped: bool) -> Optional[str]:
+        """Why the run must roll back now, or None. ``loss`` is the optimizer step's mean loss,
+        ``stepped`` whether the optimizer applied the update (False for non-finite gradients)."""
+        if not math.isfinite(loss) or not stepped:
+            self.bad_in_row += 1
+            if self.bad_in_row >= self.max_bad_steps:
+                return f"{self.bad_in_row} optimizer steps in a row with a non-finite loss or gradient"
+            return None
+        self.bad_in_row = 0
+        if len(self.losses) >= MIN_HISTORY:
+            median = statistics.median(self.losses)
+            if loss > self.spike_factor * median:
+                return f"loss {loss:.4g} above {self.spike_factor:g} x the running median {median:.4g}"
+        self.losses.append(loss)
+        return None
+
+
+def lr_factor(c: Counters, global_step: int) -> float:
+    """What multiplies the scheduled LR: the rollbacks' back-off, ramped up linearly over the steps
+    after the last rollback."""
+    if c.warmup_from is None or c.warmup_steps <= 0:
+        return c.lr_scale
+    done = global_step - c.warmup_from
+    return c.lr_scale * min(1.0, (done + 1) / c.warmup_steps) if done < c.warmup_steps else c.lr_scale
+
+
+def snapshot(state_dict: dict) -> dict:
+    """A copy of a state on the CPU that later training cannot change (the rollback point)."""
+    return {k: _to_cpu(v) for k, v in state_dict.items()}
+
+
+def _to_cpu(x):
+    if torch.is_tensor(x):
+        return x.detach().to("cpu", copy=True)
+    if isinstance(x, dict):
+        return {k: _to_cpu(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_to_cpu(v) for v in x]
+    return copy.deepcopy(x)
+
+
+def rollback(run, good: dict, reason: str, epoch: int, steps_per_epoch: int) -> None:
+    """Restore ``good`` (a ``snapshot``) into ``run`` and lower the LR; or stop after too many."""
+    cfg, c = run.cfg, run.counters
+    done = c.rollbacks
+    if done >= cfg.max_rollbacks:
+        raise TrainingDiverged(f"diverged in epoch {epoch + 1} ({reason}) after {done} rollback(s) "
+                               f"(--max-rollbacks {cfg.max_rollbacks})")
+    events, scale = list(c.events), c.lr_scale
+    run.state.load_state_dict(good, "<the last good state>", run.rt.rank, run.rt.world_size, quiet=True)
+    c.rollbacks, c.events = done + 1, events
+    c.lr_scale = scale * cfg.lr_backoff
+    c.warmup_from, c.warmup_steps = c.global_step, max(1, min(ROLLBACK_WARMUP_STEPS, steps_per_epoch))
+    c.events.append({"epoch": epoch + 1, "kind": "rollback", "text": reason})
+    log.info("Divergence guard in epoch %d: %s: rolled back to the end of epoch %d; the LR is now x%.3g "
+             "of the schedule, after a %d-step warm-up (rollback %d of at most %d)", epoch + 1, reason,
+             c.epoch + 1, c.lr_scale, c.warmup_steps, c.rollbacks, cfg.max_rollbacks)
+
+
+def plateau_reached(cfg: Config, c: Counters, epoch: int) -> bool:
+    """Stage 2, patience run out, restarts left."""
+    return (cfg.plateau_patience is not None and epoch >= cfg.stage1_epochs and epoch + 1 < cfg.epochs
+            and c.plateau_bad >= cfg.plateau_patience and c.plateau_restarts < cfg.plateau_max_restarts)
+
+
+def plateau_restart(run, epoch: int, best: Optional[dict]) -> None:
+    """Restart the schedule at ``epoch + 1`` with its peak x ``--plateau-lr-factor``, from the best
+    weights (``best``, a checkpoint dict) or the current ones. The counters go on."""
+    cfg, c = run.cfg, run.counters
+    source = "the current weights"
+    if cfg.plateau_from == "best" and best is not None:
+        counters = copy.deepcopy(c)
+        run.state.load_state_dict(best, "best_model.pth", run.rt.rank, run.rt.world_size, quiet=True)
+        c.__dict__.update(counters.__dict__)  # only the weights (model, EMA, optimizer moments) go back
+        source = f"the best weights (epoch {best['epoch'] + 1})"
+    c.plateau_restarts += 1
+    c.plateau_bad = 0
+    c.peak_scale *= cfg.plateau_lr_factor
+    c.restart_at = epoch + 1
+    c.events.append({"epoch": epoch + 2, "kind": "restart",  # shown on the first epoch of the new schedule
+                     "text": f"plateau: schedule restarted, peak x{c.peak_scale:.3g}"})
+    log.info("Plateau breaker: %s has not improved by %g for %d epochs: the schedule restarts at epoch "
+             "%d with its peak x%.3g, from %s (restart %d of at most %d)", cfg.monitor, cfg.plateau_min_delta,
+             cfg.plateau_patience, epoch + 2, c.peak_scale, source, c.plateau_restarts, cfg.plateau_max_restarts)
+
+
+def check_finite_output(run, epoch: int) -> None:
+    """Without a validation split nothing runs the weights after the epoch's last update: one forward
+    pass of a fixed input checks that they still give finite predictions before they are saved."""
+    size = run.cfg.img_size
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(run.rt.device)
+    model = run.eval_model()
+    was = model.training
+    model.eval()
+    with torch.no_grad(), run.rt.autocast():
+        finite = bool(torch.isfinite(model(x)["main"].float()).all())
+    model.train(was)
+    if not finite:
+        raise TrainingDiverged(f"the model's predictions became NaN or inf after epoch {epoch + 1}")
+
+
+def add_guard_arguments(p, d: "Config") -> None:
+    """The guards' flags of ``train`` (``d``: the defaults)."""
+    from training.flags import _bool_flag
+
+    g = p.add_argument_group("guards (docs/plateaus.md)")
+    _bool_flag(g, "--divergence-guard", "skip steps with a non-finite loss or gradient; roll back to the last "
+               "good epoch on repeated ones or on a loss spike, with a lower LR", default=d.divergence_guard)
+    g.add_argument("--spike-factor", type=float, default=d.spike_factor,
+                   help="a step loss above this x the running median of recent losses rolls back")
+    g.add_argument("--lr-backoff", type=float, default=d.lr_backoff,
+                   help="each rollback multiplies the LR by this from then on (after a short warm-up)")
+    g.add_argument("--max-rollbacks", type=int, default=d.max_rollbacks,
+                   help="stop (keeping the last good checkpoint) after this many rollbacks")
+    g.add_argument("--plateau-patience", type=int, default=None,
+                   help="stage 2: restart the schedule after N epochs without a better --monitor (off by default)")
+    g.add_argument("--plateau-min-delta", type=float, default=d.plateau_min_delta,
+                   help="an improvement smaller than this does not count as one")
+    g.add_argument("--plateau-lr-factor", type=float, default=d.plateau_lr_factor,
+                   help="the restarted schedule's peak LR = this x the previous peak")
+    g.add_argument("--plateau-from", choices=("best", "current"), default=d.plateau_from,
+                   help="restart from the best weights (best_model.pth) or the current ones")
+    g.add_argument("--plateau-max-restarts", type=int, default=d.plateau_max_restarts)
