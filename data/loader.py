@@ -17,6 +17,8 @@ initial seed.
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import random
 import signal
 from typing import Optional
@@ -42,6 +44,21 @@ def reseed_dataset(dataset: Dataset, seed: int) -> None:
             reseed_dataset(d, mix_seeds(seed, k))
     elif hasattr(dataset, "dataset"):  # Subset
         reseed_dataset(dataset.dataset, seed)
+
+
+def _kill_workers_at_exit() -> None:
+    """Workers ignore SIGTERM (see ``seed_worker``), and at interpreter exit ``multiprocessing``
+    terminates its daemonic children with SIGTERM and then waits for them: a run that dies with a
+    loader still alive (an exception inside the loop, CUDA out of memory) would hang there. This
+    runs first (atexit is last-in, first-out) and kills any worker left, so the process exits."""
+    children = [c for c in multiprocessing.active_children() if c.daemon]
+    if children:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report them as failures
+        for child in children:
+            child.kill()
+
+
+atexit.register(_kill_workers_at_exit)
 
 
 def seed_worker(worker_id: int) -> None:

@@ -188,3 +188,26 @@ def test_a_signal_during_test_scoring_keeps_the_trained_model(setup, monkeypatch
     assert os.path.isfile(os.path.join(out, "best_model.pth"))
     assert not os.path.exists(os.path.join(out, "test_metrics.json"))
     assert [r["epoch"] for r in rows(out)] == ["1", "2"]
+
+
+CRASH_IN_LOOP = """
+import sys
+sys.path.insert(0, {repo!r})
+import torch
+from torch.utils.data import TensorDataset
+from data import build_loader
+
+loader = build_loader(TensorDataset(torch.arange(64.0)), batch_size=2, shuffle=True, num_workers=2, seed=0)
+batches = iter(loader)  # alive until the interpreter exits (a global, a notebook, a traceback)
+next(batches)
+raise RuntimeError("a bug inside the training loop")
+"""
+
+
+def test_a_crash_with_live_workers_exits_instead_of_hanging(tmp_path):
+    """Workers ignore SIGTERM; an exception while they are alive must still end the process."""
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH_IN_LOOP.format(repo=REPO))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "a bug inside the training loop" in proc.stderr
+    assert "killed by signal" not in proc.stderr

@@ -127,6 +127,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--threshold", type=float, default=d.threshold, help="binarisation threshold for IoU/Dice")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    _bool_flag(g, "--tensorboard", "also write TensorBoard event files (checkpoint dir/tensorboard; needs the "
+               "tensorboard package)")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

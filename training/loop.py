@@ -35,6 +35,8 @@ class Run:
     stop: StopRequest
     model: Optional[torch.nn.Module] = None  # what the loop calls: rt.wrap(state.model)
     guard: Optional[DivergenceGuard] = None  # --divergence-guard
+    tb: Optional[object] = None              # --tensorboard: a TensorBoardLogger (main process)
+    lr_steps: Optional[list] = None          # (epoch axis, LR) of every update of the plan, for curves.png
 
     @property
     def net(self) -> torch.nn.Module:

@@ -30,7 +30,7 @@ from models.flops import forward_gflops
 from training import state as ckpt
 from training.config import Config
 from training.control import RunInterrupted, StopRequest, TimeBudget, continue_command
-from training.curves import draw_curves
+from training.curves import draw_curves, lr_steps_from_plan
 from training.folder import FolderLock, check_folder, move_aside, save_periodic_copy, what_is_kept
 from training.guards import (DivergenceGuard, RollbackNeeded, check_finite_output, plateau_reached,
                              plateau_restart, rollback, snapshot)
@@ -44,6 +44,7 @@ from training.setup import (build_optimizer, load_data, make_loader, make_lr_pla
                             train_samples_per_process)
 from training.stages import Stage, current_unfreeze_level, log_unfreeze_plan, plan_stages
 from training.state import RunState
+from training.tb_logger import TensorBoardLogger
 
 log = logging.getLogger("cod")
 
@@ -94,6 +95,8 @@ def _fit(cfg: Config, rt: Runtime, argv: Optional[list]) -> dict:
         return summary(run, finished=True)
 
     log_unfreeze_plan(run, start_epoch)
+    if cfg.tensorboard and rt.is_main:
+        run.tb = TensorBoardLogger(os.path.join(cfg.checkpoint_dir, "tensorboard"))
     budget = TimeBudget(cfg.time_limit_s)
     with run.stop:
         outcome = "replan"
@@ -101,6 +104,7 @@ def _fit(cfg: Config, rt: Runtime, argv: Optional[list]) -> dict:
             stages = plan_stages(cfg, restart_at=c.restart_at, peak_scale=c.peak_scale)
             plan = make_lr_plan(cfg, stages, n_train=train_samples_per_process(len(train_samples), rt.world_size))
             log.info("%s\n%s", schedulers.format_plan(plan), schedulers.ascii_plot(plan))
+            run.lr_steps = lr_steps_from_plan(plan) if rt.is_main else None
             for stage, stage_plan in zip(stages, plan.stages):
                 if stage.end_epoch <= start_epoch:
                     continue
@@ -250,8 +254,10 @@ def end_of_epoch(run: Run, stage: Stage, epoch: int, level: int, train_stats: di
             ckpt.save(full, os.path.join(cfg.checkpoint_dir, "best_model.pth"))
         save_periodic_copy(run, full, epoch)
         write_metrics_csv(c.history, os.path.join(cfg.checkpoint_dir, "metrics.csv"))
-        draw_curves(cfg.checkpoint_dir, c.history,  # an event before epoch e is drawn at e - 1
+        draw_curves(cfg.checkpoint_dir, c.history, lr_steps=run.lr_steps,  # an event before epoch e at e - 1
                     events=[{**e, "epoch": e["epoch"] - 1} for e in c.events])
+        if run.tb is not None:
+            run.tb.log_epoch(row)
 
 
 def save(run: Run, stage: Stage, level: int, path: str) -> Optional[dict]:
