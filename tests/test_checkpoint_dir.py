@@ -138,12 +138,18 @@ def test_4_without_validation_the_log_names_the_training_loss(root, tmp_path):
     assert "Done. Best train loss" in text and "Best iou -" not in text
 
 
-def test_7_nan_first_seen_in_validation_is_one_line(root, tmp_path):
-    out = str(tmp_path / "valnan")
-    rc, text = cli("train", "--dataset-path", root, "--checkpoint-dir", out, *TINY, "--epochs", "2",
-                   "--lr", "1e5", "--scheduler", "none", "--limit-batches", "1")
+def test_7_nan_first_seen_in_validation_is_caught_like_a_training_nan(root, tmp_path):
+    args = ["train", "--dataset-path", root, *TINY, "--epochs", "2", "--lr", "1e5", "--scheduler", "none",
+            "--limit-batches", "1"]
+    # without the guard: the run stops with one line, nothing diverged saved
+    rc, text = cli(*args, "--checkpoint-dir", str(tmp_path / "off"), "--no-divergence-guard")
     line = one_error_line(text)
-    assert rc == 2 and "NaN or inf" in line and "pred must be probabilities" not in text
+    assert rc == 2 and "predictions became NaN or inf (val)" in line and "pred must be probabilities" not in text
+    # with it (the default): a rollback, as for a NaN in training, then the run goes on
+    rc, text = cli(*args, "--checkpoint-dir", str(tmp_path / "on"))
+    assert "Traceback" not in text and "pred must be probabilities" not in text
+    assert "predictions became NaN or inf (val): rolled back" in text
+    assert rc == 0 or (rc == 2 and "rollback(s)" in one_error_line(text))
 
 
 def test_8_disk_full_keeps_the_last_good_file(root, tmp_path, monkeypatch, capsys):
