@@ -63,6 +63,35 @@ def cli(args, prelude=None, timeout=240) -> subprocess.CompletedProcess:
 
 # ---- item 6: inputs that used to run and do nothing useful --------------------------------------
 
+@pytest.mark.parametrize("kind", ["jpeg", "png16"])
+def test_5_zero_one_masks_in_any_container_are_not_empty(demo_root, tmp_path, kind, caplog):
+    """0/1 masks saved as JPEG or as 16-bit PNG used to read as all background (IoU 0, no warning)."""
+    import logging
+
+    root = tmp_path / "01masks"
+    shutil.copytree(demo_root, root)
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if os.path.basename(folder) != "GT":
+                continue
+            path = os.path.join(folder, name)
+            mask = (cv2.imread(path, cv2.IMREAD_GRAYSCALE) > 127).astype(np.uint8)
+            os.remove(path)
+            stem = os.path.splitext(path)[0]
+            if kind == "jpeg":
+                cv2.imwrite(stem + ".jpg", mask, [cv2.IMWRITE_JPEG_QUALITY, 95])
+            else:
+                cv2.imwrite(stem + ".png", mask.astype(np.uint16))
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO):
+        assert train_ultimate.main(["train", "--dataset-path", str(root), "--checkpoint-dir", str(out),
+                                    *TINY, "--val-split", "0.3"]) == 0
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("are they 0/1 masks?" in m for m in messages)  # what an all-empty reading prints
+    assert any(m.startswith("train: checked 12 samples") and "0 bad, 0 of 12 good masks empty" in m
+               for m in messages), messages
+
+
 def test_6_skip_stage1_without_stage2_zero_time_limit_and_predict_into_its_input(demo_root, tmp_path, capsys):
     out = tmp_path / "run"
     line = one_error(capsys, ["train", "--dataset-path", demo_root, "--checkpoint-dir", str(out), *TINY,

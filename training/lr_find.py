@@ -134,6 +134,7 @@ def lr_find(cfg: Config, opts: LRFindOptions, out_dir: Optional[str] = None) -> 
     log.info("Device: %s | seed %d", rt.describe(), cfg.seed)
     _, train_samples, _ = load_data(cfg)
     run = build_run(cfg, rt)
+    run.guard = None  # the sweep diverges on purpose: no rollbacks
     if cfg.resume_from:
         obj = ckpt.load(cfg.resume_from)
         ckpt.load_model_weights(run.net, ckpt.model_state_of(obj), cfg.resume_from)
@@ -192,7 +193,7 @@ def sweep(run, batches, opts: LRFindOptions) -> LRFindResult:
                     loss, _ = run.loss_fn(run.model(image), mask)
                 rt.backward(loss / accum)
                 total += loss.detach().float().item() / accum
-            optimizer_step(run)
+            optimizer_step(run, total)
             smoothed = smoother(total)
             res.lrs.append(lr)
             res.losses.append(total)
