@@ -59,6 +59,10 @@ class CODModel(nn.Module):
         main = F.interpolate(main, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return {"main": main, "aux": aux, "moe_aux": moe_aux, "expert_usage": usage.detach()}
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's activation checkpointing in the backbone (recompute each stage in backward)."""
+        self.encoder.model.set_grad_checkpointing(enable)
+
     # -- freezing ------------------------------------------------------------------------------
 
     def _backbone_parts(self) -> list[tuple[nn.Module, bool]]:

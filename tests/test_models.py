@@ -272,3 +272,15 @@ def test_autocast_routes_in_float32():
         out = model(torch.randn(2, 3, 64, 64))
     assert out["moe_aux"].dtype == torch.float32 and out["expert_usage"].dtype == torch.float32
     assert torch.isfinite(out["main"].float()).all()
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    x = torch.randn(2, 3, 64, 64)
+    grads = []
+    for enable in (False, True):
+        model = tiny(num_experts=3, deep_supervision=True).train()
+        model.set_grad_checkpointing(enable)
+        assert model.encoder.model.grad_checkpointing is enable
+        model(x)["main"].square().mean().backward()
+        grads.append([p.grad for p in model.encoder.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
