@@ -20,7 +20,8 @@ with every parameter (frozen ones have no gradient and are skipped, as in traini
 All four are built in one process and timed interleaved (one step of each per round, after
 ``--warmup`` rounds), so a slow spell of a shared machine hits every row alike; the reported time
 is the median over ``--repeats`` rounds, with the min and max. ``ratio`` is the median full
-stage-2 step time over the median bare-backbone step time. On CUDA every timed step is bracketed
+stage-2 step time over the median bare-backbone step time; ``ratio_of_min`` is the same for the
+fastest steps, which other jobs on a shared machine disturb least. On CUDA every timed step is bracketed
 by ``torch.cuda.synchronize()``; peak memory is measured in a separate pass afterwards (see
 ``measure_peak_memory``) and the fraction of peak FLOP/s uses ``models.flops`` (forward FLOPs;
 a training step counted as 3x forward for what trains, 1x for a frozen backbone). With ``--json``
@@ -215,6 +216,7 @@ def run(args) -> dict:
                     (platform.processor() or platform.machine()),
                     threads=torch.get_num_threads(), load_avg_end=os.getloadavg()[0])
     return {"ratio": statistics.median(full.times) / statistics.median(bare.times),
+            "ratio_of_min": min(full.times) / min(bare.times),
             "ratio_per_round_min": min(per_round), "ratio_per_round_max": max(per_round),
             "rows": rows, "settings": settings}
 
@@ -233,7 +235,8 @@ def print_table(result: dict) -> None:
         print(f"| {r['name']} | {r['img_per_s']:.1f} | {r['ms_per_step']:.1f} ({r['ms_min']:.1f}-"
               f"{r['ms_max']:.1f}) | {r['ratio_to_bare']:.2f} | {mem} | {frac} |")
     print(f"ratio (full stage 2 / bare backbone): {result['ratio']:.2f} (per round "
-          f"{result['ratio_per_round_min']:.2f}-{result['ratio_per_round_max']:.2f}); "
+          f"{result['ratio_per_round_min']:.2f}-{result['ratio_per_round_max']:.2f}; of the fastest steps "
+          f"{result['ratio_of_min']:.2f}); "
           f"load average at the end {s['load_avg_end']:.2f}")
     if s["peak_tflops"]:
         print(f"% of peak assumes {s['peak_tflops']:.0f} TFLOP/s ({s['precision']}); FLOPs from "
