@@ -252,8 +252,9 @@ def test_training_step_with_loss_is_finite_and_balanced_terms():
 
 
 def test_forward_has_no_graph_breaks():
-    """No host syncs (.item(), bool(tensor), per-sample loops over data) in forward: dynamo traces
-    the decoder and heads as one graph."""
+    """Under torch.compile the MoE blocks take their dense path, and dynamo traces the decoder and
+    heads as one graph: no host syncs (.item(), bool(tensor), per-sample loops over data). The
+    eager sparse path's one sync per block: tests/test_experts.py."""
     model = tiny(num_experts=4, moe_top_k=2, deep_supervision=True)
     feats = model.encoder(torch.randn(2, 3, 64, 64))
 
