@@ -131,7 +131,9 @@ def top_k_weights(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     """(renormalised weights, selection mask), both B x E.
 
     The weights are the softmax renormalised over each sample's top-k, zero elsewhere; gradients
-    reach the router through the kept probabilities (and their renormalisation).
+    reach the router through the kept probabilities (and their renormalisation). For k = 1 they
+    equal the selection mask and carry no gradient; ``MoEBlock`` then combines with the raw
+    probability instead.
     """
     weights, keep, _ = _top_k(probs, k)
     return weights, keep
@@ -167,10 +169,15 @@ class Router(nn.Module):
 
 
 class MoEBlock(nn.Module):
-    """``x + sum_e w_e(x) * expert_e(x)`` with top-k routing; returns (out, balance loss, usage).
+    """``x + sum_{e in top-k} w_e(x) * expert_e(x)``; returns (out, balance loss, usage).
 
-    usage: per expert, the batch mean of its combine weight (sums to 1; for top-1 routing this is
-    the fraction of samples sent to it).
+    w (combine weights): for k >= 2 the softmax renormalised over the sample's top-k; for k = 1 the
+    raw softmax probability of the chosen expert, as in Switch Transformer. Renormalised over one
+    expert the weight would be the constant 1, and the task loss would give the router no gradient
+    at all (only the balance loss would train it).
+
+    usage: per expert, the batch mean of its renormalised top-k weight (sums to 1; for top-1
+    routing this is the fraction of samples sent to it).
     """
 
     def __init__(self, c: int, num_experts: int, top_k: int = 2):
@@ -190,10 +197,11 @@ class MoEBlock(nn.Module):
     def forward(self, x: torch.Tensor):
         probs = self.router(x)
         weights, keep, top = _top_k(probs, self.top_k)
+        combine = probs * keep if self.top_k == 1 else weights  # k = 1: Switch's raw probability
         if self._use_dense():
-            out = self._dense(x, weights)
+            out = self._dense(x, combine)
         else:
-            out = self._sparse(x, weights.gather(1, top), top, keep)
+            out = self._sparse(x, combine.gather(1, top), top, keep)
         return out, load_balance_loss(probs, keep), weights.detach().mean(0)
 
     def _use_dense(self) -> bool:

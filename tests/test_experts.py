@@ -7,17 +7,18 @@ import pytest
 import torch
 
 from models import build_model
-from models.experts import MoEBlock, load_balance_loss
+from models.experts import MoEBlock, load_balance_loss, top_k_weights
 
 E = 5
 
 
 def dense_reference(block: MoEBlock, x: torch.Tensor):
     """The MoE forward before sparse dispatch: every expert on the whole batch, masked by weights
-    that are zero outside each sample's top-k (kept verbatim as the reference)."""
+    that are zero outside each sample's top-k (kept as the reference; the one change since is
+    that top-1 combines with the raw probability, as in Switch Transformer)."""
     probs, weights, keep = block.route(x)
     out = x
-    w = weights.to(x.dtype)
+    w = (probs * keep if block.top_k == 1 else weights).to(x.dtype)
     for e, expert in enumerate(block.experts):
         out = out + w[:, e, None, None, None] * expert(x)
     aux = load_balance_loss(probs, keep)
@@ -113,3 +114,29 @@ def test_the_only_host_sync_in_forward_is_one_count_per_block(monkeypatch):
     assert explained.graph_break_count > 0
     lines = {r.user_stack[-1].line.split("#")[0].strip() for r in explained.break_reasons}
     assert lines == {"counts = keep.sum(0).long().tolist()"}
+
+
+def test_top1_router_learns_from_the_task_loss_alone():
+    """Renormalised over one expert the weight is the constant 1 (no router gradient); the raw
+    Switch probability gives the router a gradient from the prediction, balance weight 0."""
+    from losses import build_loss
+
+    probs = torch.softmax(torch.randn(4, E), 1)
+    weights, keep = top_k_weights(probs, 1)
+    assert torch.equal(weights, keep)  # the renormalised weight is exactly 1: why k=1 needs more
+
+    torch.manual_seed(0)
+    model = build_model("edgenext_xx_small", num_experts=4, moe_top_k=1, deep_supervision=True,
+                        pretrained=False, decoder_channels=16).train()
+    x, mask = torch.randn(2, 3, 64, 64), (torch.rand(2, 1, 64, 64) > 0.5).float()
+    out = model(x)
+    total, terms = build_loss(moe_aux_weight=0.0)(out, mask)
+    assert terms["moe_aux"] == 0
+    total.backward()
+    for block in model.decoder.blocks:
+        assert block.router.fc.weight.grad.abs().sum() > 0
+    # usage is still the fraction of samples sent to each expert
+    block = make_block(1)
+    x = torch.randn(5, 8, 9, 7)
+    _, _, keep = block.route(x)
+    assert torch.allclose(block(x)[2], keep.mean(0))
