@@ -21,7 +21,9 @@ All four are built in one process and timed interleaved (one step of each per ro
 ``--warmup`` rounds), so a slow spell of a shared machine hits every row alike; the reported time
 is the median over ``--repeats`` rounds, with the min and max. ``ratio`` is the median full
 stage-2 step time over the median bare-backbone step time; ``ratio_of_min`` is the same for the
-fastest steps, which other jobs on a shared machine disturb least. On CUDA every timed step is bracketed
+fastest steps, which other jobs on a shared machine disturb least, and ``ratio_cpu`` the ratio of
+the median CPU time of the process per step (``time.process_time``: on a CPU run with
+``--threads 1``, the work done, nearly independent of other jobs; on CUDA it is host time). On CUDA every timed step is bracketed
 by ``torch.cuda.synchronize()``; peak memory is measured in a separate pass afterwards (see
 ``measure_peak_memory``) and the fraction of peak FLOP/s uses ``models.flops`` (forward FLOPs;
 a training step counted as 3x forward for what trains, 1x for a frozen backbone). With ``--json``
@@ -66,6 +68,7 @@ class Variant:
     loss_fn: object                 # (outputs, mask) -> loss tensor
     train_gflops: float             # per image, forward + backward
     times: list = field(default_factory=list)
+    cpu_times: list = field(default_factory=list)
     peak_mem_mb: float | None = None
 
 
@@ -187,10 +190,11 @@ def run(args) -> dict:
     for _ in range(args.repeats):  # interleaved: one step of every variant per round
         for v, step in zip(variants, steps):
             sync()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step()
             sync()
             v.times.append(time.perf_counter() - t0)
+            v.cpu_times.append(time.process_time() - c0)
     if cuda:
         for v, step in zip(variants, steps):
             v.peak_mem_mb = measure_peak_memory(v, step, device)
@@ -203,6 +207,7 @@ def run(args) -> dict:
         row = {"name": v.name, "ms_per_step": 1000 * med, "ms_min": 1000 * min(v.times),
                "ms_max": 1000 * max(v.times), "img_per_s": args.batch_size / med,
                "ratio_to_bare": med / statistics.median(bare.times),
+               "cpu_ms_per_step": 1000 * statistics.median(v.cpu_times),
                "peak_mem_mb": v.peak_mem_mb, "train_gflops_per_img": v.train_gflops,
                "trainable_params": sum(p.numel() for p in v.module.parameters() if p.requires_grad),
                "peak_flops_fraction": (v.train_gflops * 1e9 * args.batch_size / med / (peak * 1e12)
@@ -217,6 +222,7 @@ def run(args) -> dict:
                     threads=torch.get_num_threads(), load_avg_end=os.getloadavg()[0])
     return {"ratio": statistics.median(full.times) / statistics.median(bare.times),
             "ratio_of_min": min(full.times) / min(bare.times),
+            "ratio_cpu": statistics.median(full.cpu_times) / statistics.median(bare.cpu_times),
             "ratio_per_round_min": min(per_round), "ratio_per_round_max": max(per_round),
             "rows": rows, "settings": settings}
 
@@ -236,7 +242,7 @@ def print_table(result: dict) -> None:
               f"{r['ms_max']:.1f}) | {r['ratio_to_bare']:.2f} | {mem} | {frac} |")
     print(f"ratio (full stage 2 / bare backbone): {result['ratio']:.2f} (per round "
           f"{result['ratio_per_round_min']:.2f}-{result['ratio_per_round_max']:.2f}; of the fastest steps "
-          f"{result['ratio_of_min']:.2f}); "
+          f"{result['ratio_of_min']:.2f}; of CPU time {result['ratio_cpu']:.2f}); "
           f"load average at the end {s['load_avg_end']:.2f}")
     if s["peak_tflops"]:
         print(f"% of peak assumes {s['peak_tflops']:.0f} TFLOP/s ({s['precision']}); FLOPs from "
