@@ -11,7 +11,8 @@ Each expert maps C -> C channels at the same resolution. The types differ in wha
 
 Dispatch is sparse and batched: each expert runs once, on the batch of the samples that picked it
 (gathered with ``index_select``), and its output, times the sample's combine weight, is added back
-with ``index_add_``; there is no per-sample Python loop. The expert batch sizes must be known on
+with ``index_add_`` (an expert that got the whole batch skips both); there is no per-sample
+Python loop. The expert batch sizes must be known on
 the host to allocate those batches, so each MoE block does one host sync (a single ``.tolist()`` of
 the per-expert counts, after a sort of the B*k selections by expert). It cannot be batched across
 the decoder levels, since each level's routing depends on the one before. With top_k >= E every
@@ -225,9 +226,14 @@ class MoEBlock(nn.Module):
         weights = w.flatten()[order]
         counts = keep.sum(0).long().tolist()  # samples per expert: the one host sync
         out = x.clone()
-        for expert, idx, we in zip(self.experts, samples.split(counts), weights.split(counts)):
-            y = expert(x.index_select(0, idx))
-            out.index_add_(0, idx, (we[:, None, None, None].to(y.dtype) * y).to(out.dtype))
+        for expert, idx, we, n in zip(self.experts, samples.split(counts), weights.split(counts), counts):
+            we = we[:, None, None, None]
+            if n == x.shape[0]:  # the whole batch, in order (the sort is stable): no gather/scatter
+                y = expert(x)
+                out.add_((we.to(y.dtype) * y).to(out.dtype))
+            else:
+                y = expert(x.index_select(0, idx))
+                out.index_add_(0, idx, (we.to(y.dtype) * y).to(out.dtype))
         return out
 
 
