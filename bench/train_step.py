@@ -145,6 +145,75 @@ def make_step(v: Variant, x, mask, autocast, scaler, grad_clip: float):
     return step
 
 
+PHASES = ("encoder fwd", "decoder+heads fwd", "loss fwd", "loss bwd", "decoder+heads bwd", "encoder bwd",
+          "clip+AdamW")
+
+
+def breakdown(v: Variant, x, mask, autocast, scaler, grad_clip: float, sync, rounds: int) -> dict:
+    """Median ms of each part of one full stage-2 step (eager, even with --compile). The graph is
+    cut where that leaves the gradients unchanged: the encoder's features and the model's outputs
+    become leaves, and backward runs part by part, each handing its input gradients on; on CUDA
+    every part ends with a sync (more syncs than the plain step, so the parts add up to a bit more)."""
+    model = v.module
+    params = [p for g in v.optimizer.param_groups for p in g["params"]]
+    times = {name: [] for name in PHASES}
+    for _ in range(rounds):
+        marks = []
+
+        def lap():
+            sync()
+            marks.append(time.perf_counter())
+
+        lap()
+        with autocast():
+            feats = model.encoder(x)
+            lap()
+            feats_in = [f.detach().requires_grad_() for f in feats]
+            out = model.forward_head(feats_in, x.shape[-2:])
+            lap()
+            leaf = {k: (t.detach().requires_grad_() if torch.is_tensor(t) and t.requires_grad else t)
+                    for k, t in out.items() if k != "aux"}
+            leaf["aux"] = [a.detach().requires_grad_() for a in out["aux"]]
+            loss = v.loss_fn(leaf, mask)
+            lap()
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        lap()
+        pairs = [(out[k], leaf[k]) for k in ("main", "moe_aux")] + list(zip(out["aux"], leaf["aux"]))
+        pairs = [(t, t_leaf.grad) for t, t_leaf in pairs if t.requires_grad and t_leaf.grad is not None]
+        torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+        lap()
+        torch.autograd.backward(feats, [f.grad for f in feats_in])
+        lap()
+        if scaler is not None:
+            scaler.unscale_(v.optimizer)
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], grad_clip)
+        if scaler is not None:
+            scaler.step(v.optimizer)
+            scaler.update()
+        else:
+            v.optimizer.step()
+        v.optimizer.zero_grad(set_to_none=True)
+        lap()
+        for name, t0, t1 in zip(PHASES, marks, marks[1:]):
+            times[name].append(t1 - t0)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
+
+
+def profile_table(step, device, rows: int = 25) -> str:
+    """torch.profiler table of 3 steps, sorted by self time on the device that runs them."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        if cuda:
+            torch.cuda.synchronize(device)
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
 def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
 
@@ -198,6 +267,12 @@ def run(args) -> dict:
     if cuda:
         for v, step in zip(variants, steps):
             v.peak_mem_mb = measure_peak_memory(v, step, device)
+    parts = None
+    if args.breakdown:
+        full_scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None
+        parts = breakdown(variants[0], x, mask, autocast, full_scaler, args.grad_clip, sync, args.repeats)
+    if args.profile:
+        print(profile_table(steps[0], device), file=sys.stderr)
 
     bare = variants[-1]
     peak = args.peak_tflops or DEFAULT_PEAK_TFLOPS[args.precision]
@@ -224,7 +299,7 @@ def run(args) -> dict:
             "ratio_of_min": min(full.times) / min(bare.times),
             "ratio_cpu": statistics.median(full.cpu_times) / statistics.median(bare.cpu_times),
             "ratio_per_round_min": min(per_round), "ratio_per_round_max": max(per_round),
-            "rows": rows, "settings": settings}
+            "rows": rows, "breakdown": parts, "settings": settings}
 
 
 def print_table(result: dict) -> None:
@@ -244,6 +319,11 @@ def print_table(result: dict) -> None:
           f"{result['ratio_per_round_min']:.2f}-{result['ratio_per_round_max']:.2f}; of the fastest steps "
           f"{result['ratio_of_min']:.2f}; of CPU time {result['ratio_cpu']:.2f}); "
           f"load average at the end {s['load_avg_end']:.2f}")
+    if result["breakdown"]:
+        parts = result["breakdown"]
+        total = sum(parts.values())
+        print("full stage 2 by part (median ms): " + ", ".join(
+            f"{k} {v:.1f} ({100 * v / total:.0f}%)" for k, v in parts.items()) + f"; sum {total:.1f}")
     if s["peak_tflops"]:
         print(f"% of peak assumes {s['peak_tflops']:.0f} TFLOP/s ({s['precision']}); FLOPs from "
               "models/flops.py, a training step counted as 3x forward")
@@ -273,6 +353,11 @@ def parse_args(argv=None):
                    help="assumed peak TFLOP/s for the FLOP fraction (CUDA only); default: "
                         + ", ".join(f"{k} {v:.0f}" for k, v in DEFAULT_PEAK_TFLOPS.items())
                         + " (H100 assumptions)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time the parts of the full stage-2 step (encoder, decoder+heads, loss, "
+                        "each forward and backward, clip+AdamW)")
+    p.add_argument("--profile", action="store_true",
+                   help="print a torch.profiler table of 3 full stage-2 steps on stderr")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout, nothing else")
     args = p.parse_args(argv)
