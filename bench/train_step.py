@@ -14,6 +14,8 @@ with every parameter (frozen ones have no gradient and are skipped, as in traini
     MoE off        the same with num_experts=1 (plain blocks, no router)
     stage 1        the same as "full stage 2" with ``set_backbone_trainable(0)`` (backbone frozen,
                    its norms in eval mode): forward through the backbone, no backward through it
+    (--dense-row)  "full stage 2" with every expert run on every sample (the MoE before its
+                   sparse dispatch; the same function)
     bare backbone  timm ``features_only`` backbone alone, loss = sum of the means of its feature
                    maps, AdamW over its parameters
 
@@ -85,6 +87,15 @@ def make_optimizer(groups, impl: str) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.999), **kwargs)
 
 
+def dense_moe(v: Variant) -> Variant:
+    """Every expert on every sample, zero weights outside the top-k: the same function as the
+    sparse dispatch, at the cost the MoE blocks had before it (for an A/B in one process)."""
+    for block in v.module.decoder.blocks:
+        if hasattr(block, "experts"):
+            block._use_dense = lambda: True
+    return v
+
+
 def build_variants(args, device) -> list[Variant]:
     loss_fn = project_loss(build_loss())
     common = dict(backbone=args.backbone, deep_supervision=args.deep_supervision, pretrained=False,
@@ -112,6 +123,7 @@ def build_variants(args, device) -> list[Variant]:
         bare.set_grad_checkpointing(True)
     variants = [cod("full stage 2", args.num_experts, 99), cod("MoE off", 1, 99),
                 cod("stage 1", args.num_experts, 0),
+                *([dense_moe(cod("full stage 2, dense MoE", args.num_experts, 99))] if args.dense_row else []),
                 finish("bare backbone", bare, [{"params": list(bare.parameters()),
                                                 "weight_decay": WEIGHT_DECAY}], bare_loss)]
     # FLOPs per image, counted once on the module in eval mode (models/flops.py)
@@ -353,6 +365,9 @@ def parse_args(argv=None):
                    help="assumed peak TFLOP/s for the FLOP fraction (CUDA only); default: "
                         + ", ".join(f"{k} {v:.0f}" for k, v in DEFAULT_PEAK_TFLOPS.items())
                         + " (H100 assumptions)")
+    p.add_argument("--dense-row", action="store_true",
+                   help="add a row: full stage 2 with the MoE blocks forced to their dense path "
+                        "(every expert on every sample, as before the sparse dispatch)")
     p.add_argument("--breakdown", action="store_true",
                    help="also time the parts of the full stage-2 step (encoder, decoder+heads, loss, "
                         "each forward and backward, clip+AdamW)")

@@ -40,8 +40,9 @@ def test_train_step_bench_json_on_cpu():
 
 def test_train_step_bench_switches_run():
     out = run_bench("--num-experts", "3", "--moe-top-k", "1", "--grad-checkpointing", "--channels-last",
-                    "--precision", "bf16", "--optimizer", "foreach", "--repeats", "1", "--breakdown")
+                    "--precision", "bf16", "--optimizer", "foreach", "--repeats", "1", "--breakdown", "--dense-row")
     assert out["settings"]["grad_checkpointing"] and out["settings"]["channels_last"]
+    assert [r["name"] for r in out["rows"]] == ROWS[:3] + ["full stage 2, dense MoE"] + ROWS[3:]
     assert len(out["breakdown"]) == 7 and all(v > 0 for v in out["breakdown"].values())
     assert all(math.isfinite(r["ms_per_step"]) for r in out["rows"])
 
