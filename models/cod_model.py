@@ -53,11 +53,18 @@ class CODModel(nn.Module):
         self.backbone_level: int = self.num_backbone_stages + 1  # everything trainable
 
     def forward(self, x: torch.Tensor) -> dict:
-        feats = self.encoder(x)
+        return self.forward_head(self.encoder(x), x.shape[-2:])
+
+    def forward_head(self, feats: list[torch.Tensor], size) -> dict:
+        """Decoder and heads on the encoder's features; the main logits are upsampled to ``size``."""
         dec, moe_aux, usage = self.decoder(feats)
         main, aux = self.heads(dec)
-        main = F.interpolate(main, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        main = F.interpolate(main, size=tuple(size), mode="bilinear", align_corners=False)
         return {"main": main, "aux": aux, "moe_aux": moe_aux, "expert_usage": usage.detach()}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's activation checkpointing in the backbone (recompute each stage in backward)."""
+        self.encoder.model.set_grad_checkpointing(enable)
 
     # -- freezing ------------------------------------------------------------------------------
 

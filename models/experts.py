@@ -7,9 +7,25 @@ Each expert maps C -> C channels at the same resolution. The types differ in wha
     contrast  x - local 5x5 average, then 1x1 + depthwise 3x3: what differs from its surroundings
     edge      fixed Laplacian and Sobel-x/y depthwise filters, concatenated, then 1x1: edges/high freq.
 
-``num_experts`` experts are made by cycling through the types in that order. Routing is batched:
-every expert runs on the whole batch, and a B x E weight tensor that is zero outside each sample's
-top-k combines them, so no sample is ever handled alone and nothing waits for the host.
+``num_experts`` experts are made by cycling through the types in that order.
+
+Dispatch is sparse and batched: each expert runs once, on the batch of the samples that picked it
+(gathered with ``index_select``), and its output, times the sample's combine weight, is added back
+with ``index_add_`` (an expert that got the whole batch skips both); there is no per-sample
+Python loop. The expert batch sizes must be known on
+the host to allocate those batches, so each MoE block does one host sync (a single ``.tolist()`` of
+the per-expert counts, after a sort of the B*k selections by expert). It cannot be batched across
+the decoder levels, since each level's routing depends on the one before. With top_k >= E every
+expert sees every sample, and the block runs them on the whole batch with no gather and no sync;
+under ``torch.compile`` it does the same for any top_k, with zero weights outside the top-k (the
+same function, one graph, but no compute saved).
+
+The experts normalise with GroupNorm (per sample), so an expert run on a subset of the batch gives
+those samples exactly what it gives them in the whole batch: the sparse dispatch computes the same
+function as running every expert on every sample and masking with zero weights (what this block
+did before; ``tests/test_experts.py`` keeps that version as the reference). An expert that no sample
+picked still runs, on an empty batch, so its parameters get zero gradients rather than none, as
+with the masked version (AdamW treats "zero" and "no gradient" differently).
 """
 
 from __future__ import annotations
@@ -101,18 +117,27 @@ def expert_kinds(num_experts: int) -> list[str]:
     return [EXPERT_TYPES[i % len(EXPERT_TYPES)] for i in range(num_experts)]
 
 
-def top_k_weights(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(combine weights, selection mask), both B x E.
-
-    The weights are the softmax renormalised over each sample's top-k, zero elsewhere; gradients
-    reach the router through the kept probabilities (and their renormalisation).
-    """
+def _top_k(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(renormalised weights, selection mask, selected expert indices B x k)."""
     if k >= probs.shape[1]:
-        return probs, torch.ones_like(probs)
+        top = torch.arange(probs.shape[1], device=probs.device).expand(probs.shape[0], -1)
+        return probs, torch.ones_like(probs), top
     top = probs.topk(k, dim=1).indices
     keep = torch.zeros_like(probs).scatter(1, top, 1.0)
     kept = probs * keep
-    return kept / kept.sum(dim=1, keepdim=True).clamp_min(1e-9), keep
+    return kept / kept.sum(dim=1, keepdim=True).clamp_min(1e-9), keep, top
+
+
+def top_k_weights(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(renormalised weights, selection mask), both B x E.
+
+    The weights are the softmax renormalised over each sample's top-k, zero elsewhere; gradients
+    reach the router through the kept probabilities (and their renormalisation). For k = 1 they
+    equal the selection mask and carry no gradient; ``MoEBlock`` then combines with the raw
+    probability instead.
+    """
+    weights, keep, _ = _top_k(probs, k)
+    return weights, keep
 
 
 def load_balance_loss(probs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -145,10 +170,15 @@ class Router(nn.Module):
 
 
 class MoEBlock(nn.Module):
-    """``x + sum_e w_e(x) * expert_e(x)`` with top-k routing; returns (out, balance loss, usage).
+    """``x + sum_{e in top-k} w_e(x) * expert_e(x)``; returns (out, balance loss, usage).
 
-    usage: per expert, the batch mean of its combine weight (sums to 1; for top-1 routing this is
-    the fraction of samples sent to it).
+    w (combine weights): for k >= 2 the softmax renormalised over the sample's top-k; for k = 1 the
+    raw softmax probability of the chosen expert, as in Switch Transformer. Renormalised over one
+    expert the weight would be the constant 1, and the task loss would give the router no gradient
+    at all (only the balance loss would train it).
+
+    usage: per expert, the batch mean of its renormalised top-k weight (sums to 1; for top-1
+    routing this is the fraction of samples sent to it).
     """
 
     def __init__(self, c: int, num_experts: int, top_k: int = 2):
@@ -161,18 +191,50 @@ class MoEBlock(nn.Module):
         self.router = Router(c, num_experts)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(router probabilities, combine weights, selection mask), each B x E."""
+        """(router probabilities, renormalised top-k weights, selection mask), each B x E."""
         probs = self.router(x)
         return (probs, *top_k_weights(probs, self.top_k))
 
     def forward(self, x: torch.Tensor):
-        probs, weights, keep = self.route(x)
+        probs = self.router(x)
+        weights, keep, top = _top_k(probs, self.top_k)
+        combine = probs * keep if self.top_k == 1 else weights  # k = 1: Switch's raw probability
+        if self._use_dense():
+            out = self._dense(x, combine)
+        else:
+            out = self._sparse(x, combine.gather(1, top), top, keep)
+        return out, load_balance_loss(probs, keep), weights.detach().mean(0)
+
+    def _use_dense(self) -> bool:
+        return self.top_k >= self.num_experts or torch.compiler.is_compiling()
+
+    def _dense(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Every expert on the whole batch, weighted by ``w`` (B x E, zero outside each sample's
+        top-k). Used when top_k >= E, and under torch.compile, where the sparse path's
+        data-dependent expert batch sizes would break the graph (and inductor 2.14 fails on them)."""
         out = x
-        w = weights.to(x.dtype)
         for e, expert in enumerate(self.experts):
-            out = out + w[:, e, None, None, None] * expert(x)
-        aux = load_balance_loss(probs, keep)
-        return out, aux, weights.detach().mean(0)
+            out = out + w[:, e, None, None, None].to(x.dtype) * expert(x)
+        return out
+
+    def _sparse(self, x: torch.Tensor, w: torch.Tensor, top: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Each expert on the samples that picked it. ``w``, ``top``: B x k weights and experts;
+        ``keep``: B x E selection mask."""
+        k = top.shape[1]
+        order = top.flatten().argsort(stable=True)  # the B*k selections, grouped by expert
+        samples = order // k                         # which sample each selection belongs to
+        weights = w.flatten()[order]
+        counts = keep.sum(0).long().tolist()  # samples per expert: the one host sync
+        out = x.clone()
+        for expert, idx, we, n in zip(self.experts, samples.split(counts), weights.split(counts), counts):
+            we = we[:, None, None, None]
+            if n == x.shape[0]:  # the whole batch, in order (the sort is stable): no gather/scatter
+                y = expert(x)
+                out.add_((we.to(y.dtype) * y).to(out.dtype))
+            else:
+                y = expert(x.index_select(0, idx))
+                out.index_add_(0, idx, (we.to(y.dtype) * y).to(out.dtype))
+        return out
 
 
 class PlainBlock(nn.Module):

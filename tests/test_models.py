@@ -257,8 +257,9 @@ def test_training_step_with_loss_is_finite_and_balanced_terms():
 
 
 def test_forward_has_no_graph_breaks():
-    """No host syncs (.item(), bool(tensor), per-sample loops over data) in forward: dynamo traces
-    the decoder and heads as one graph."""
+    """Under torch.compile the MoE blocks take their dense path, and dynamo traces the decoder and
+    heads as one graph: no host syncs (.item(), bool(tensor), per-sample loops over data). The
+    eager sparse path's one sync per block: tests/test_experts.py."""
     model = tiny(num_experts=4, moe_top_k=2, deep_supervision=True)
     feats = model.encoder(torch.randn(2, 3, 64, 64))
 
@@ -277,3 +278,15 @@ def test_autocast_routes_in_float32():
         out = model(torch.randn(2, 3, 64, 64))
     assert out["moe_aux"].dtype == torch.float32 and out["expert_usage"].dtype == torch.float32
     assert torch.isfinite(out["main"].float()).all()
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    x = torch.randn(2, 3, 64, 64)
+    grads = []
+    for enable in (False, True):
+        model = tiny(num_experts=3, deep_supervision=True).train()
+        model.set_grad_checkpointing(enable)
+        assert model.encoder.model.grad_checkpointing is enable
+        model(x)["main"].square().mean().backward()
+        grads.append([p.grad for p in model.encoder.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))

@@ -1,0 +1,70 @@
+"""bench/train_step.py runs on CPU with small settings and prints one JSON object (no time is asserted)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--device", "cpu", "--backbone", "edgenext_xx_small", "--img-size", "64", "--batch-size", "2",
+         "--repeats", "3", "--warmup", "1", "--threads", "1", "--json"]
+ROWS = ["full stage 2", "MoE off", "stage 1", "bare backbone"]
+
+
+def run_bench(*extra):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "train_step.py"), *SMALL, *extra],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout)  # the whole of stdout is one JSON object
+
+
+def test_train_step_bench_json_on_cpu():
+    out = run_bench("--num-experts", "4", "--moe-top-k", "2", "--deep-supervision")
+    assert [r["name"] for r in out["rows"]] == ROWS
+    s = out["settings"]
+    assert (s["backbone"], s["img_size"], s["batch_size"], s["num_experts"], s["moe_top_k"]) == \
+        ("edgenext_xx_small", 64, 2, 4, 2)
+    assert s["deep_supervision"] is True and s["precision"] == "fp32" and s["peak_tflops"] is None
+    rows = {r["name"]: r for r in out["rows"]}
+    for r in out["rows"]:
+        assert r["ms_min"] <= r["ms_per_step"] <= r["ms_max"] and r["img_per_s"] > 0
+        assert r["peak_mem_mb"] is None and r["peak_flops_fraction"] is None  # CPU: n/a
+        assert r["train_gflops_per_img"] > 0
+    assert math.isclose(out["ratio"], rows["full stage 2"]["ratio_to_bare"]) and out["breakdown"] is None
+    assert rows["bare backbone"]["ratio_to_bare"] == 1.0
+    # stage 1 trains the decoder and heads only; the bare backbone has no decoder
+    assert rows["stage 1"]["trainable_params"] < rows["full stage 2"]["trainable_params"]
+    assert rows["bare backbone"]["trainable_params"] < rows["full stage 2"]["trainable_params"]
+
+
+def test_train_step_bench_switches_run():
+    out = run_bench("--num-experts", "3", "--moe-top-k", "1", "--grad-checkpointing", "--channels-last",
+                    "--precision", "bf16", "--optimizer", "foreach", "--repeats", "1", "--breakdown", "--dense-row")
+    assert out["settings"]["grad_checkpointing"] and out["settings"]["channels_last"]
+    assert [r["name"] for r in out["rows"]] == ROWS[:3] + ["full stage 2, dense MoE"] + ROWS[3:]
+    assert len(out["breakdown"]) == 7 and all(v > 0 for v in out["breakdown"].values())
+    assert all(math.isfinite(r["ms_per_step"]) for r in out["rows"])
+
+
+def test_breakdown_step_updates_the_model_as_the_plain_step(monkeypatch):
+    """The part-by-part step (--breakdown) cuts the graph at the features and the outputs; the
+    parameters after one step must match those after the plain step."""
+    import contextlib
+
+    import torch
+
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import train_step
+
+    args = train_step.parse_args(["--device", "cpu", "--backbone", "edgenext_xx_small", "--img-size", "64",
+                                  "--batch-size", "3", "--num-experts", "4", "--deep-supervision"])
+    monkeypatch.setattr(train_step, "forward_gflops", lambda *a, **k: 1.0)  # not needed here
+    a, b = train_step.build_variants(args, torch.device("cpu"))[0], \
+        train_step.build_variants(args, torch.device("cpu"))[0]
+    x, mask = torch.randn(3, 3, 64, 64), (torch.rand(3, 1, 64, 64) > 0.5).float()
+    train_step.make_step(a, x, mask, contextlib.nullcontext, None, 1.0)()
+    parts = train_step.breakdown(b, x, mask, contextlib.nullcontext, None, 1.0, lambda: None, 1)
+    assert list(parts) == list(train_step.PHASES)
+    for (name, p), q in zip(a.module.named_parameters(), b.module.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name
