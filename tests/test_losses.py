@@ -154,3 +154,11 @@ def test_bad_weights_are_user_errors():
         build_loss(dice_weight=-1)
     with pytest.raises(UserError, match="--label-smoothing"):
         build_loss(label_smoothing=1.0)
+
+
+def test_separable_boundary_weight_equals_the_square_box_mean():
+    """The two 1-D passes give the F3Net 31 x 31 zero-padded box mean of the definition."""
+    torch.manual_seed(0)
+    mask = (torch.rand(2, 1, 70, 53) > 0.6).float()
+    local = torch.nn.functional.avg_pool2d(mask, 31, stride=1, padding=15)
+    torch.testing.assert_close(LF.boundary_weight(mask), 1.0 + 5.0 * (local - mask).abs(), rtol=0, atol=1e-5)
