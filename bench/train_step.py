@@ -136,6 +136,21 @@ def build_variants(args, device) -> list[Variant]:
     return variants
 
 
+def update(optimizer, params, scaler, grad_clip: float) -> None:
+    """The optimizer update as training does it (training/runtime.py ``Runtime.step``): unscale,
+    clip, step, update the scale, zero the gradients."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def make_step(v: Variant, x, mask, autocast, scaler, grad_clip: float):
     params = [p for g in v.optimizer.param_groups for p in g["params"]]
 
@@ -143,16 +158,7 @@ def make_step(v: Variant, x, mask, autocast, scaler, grad_clip: float):
         with autocast():
             loss = v.loss_fn(v.model(x), mask)
         (scaler.scale(loss) if scaler is not None else loss).backward()
-        if scaler is not None:
-            scaler.unscale_(v.optimizer)
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], grad_clip)
-        if scaler is not None:
-            scaler.step(v.optimizer)
-            scaler.update()
-        else:
-            v.optimizer.step()
-        v.optimizer.zero_grad(set_to_none=True)
+        update(v.optimizer, params, scaler, grad_clip)
 
     return step
 
@@ -196,16 +202,7 @@ def breakdown(v: Variant, x, mask, autocast, scaler, grad_clip: float, sync, rou
         lap()
         torch.autograd.backward(feats, [f.grad for f in feats_in])
         lap()
-        if scaler is not None:
-            scaler.unscale_(v.optimizer)
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], grad_clip)
-        if scaler is not None:
-            scaler.step(v.optimizer)
-            scaler.update()
-        else:
-            v.optimizer.step()
-        v.optimizer.zero_grad(set_to_none=True)
+        update(v.optimizer, params, scaler, grad_clip)
         lap()
         for name, t0, t1 in zip(PHASES, marks, marks[1:]):
             times[name].append(t1 - t0)

@@ -20,6 +20,7 @@ import torch
 import data
 import train_ultimate
 from data import make_demo_dataset
+from tests.test_resume import assert_same_run
 from training import state as ckpt
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,13 +113,7 @@ def test_signal_to_the_process_group_saves_and_resumes_exactly(setup, straight, 
 
     rc, text = finish(start(setup, out, "--resume-from", os.path.join(out, "last.pth")))
     assert rc == 0, text
-    a, b = ckpt.load(os.path.join(straight, "last.pth")), ckpt.load(os.path.join(out, "last.pth"))
-    for key in a["model"]:
-        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=1e-5, msg=key)
-    for key in a["ema"]["module"]:
-        torch.testing.assert_close(a["ema"]["module"][key], b["ema"]["module"][key], rtol=0, atol=1e-5)
-    assert a["global_step"] == b["global_step"]
-    assert rows(straight) == rows(out)
+    assert_same_run(straight, out)
 
 
 def test_a_second_ctrl_c_stops_at_once(setup):
