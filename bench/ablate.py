@@ -136,7 +136,8 @@ def run_one(a, name: str, seed: int, threads: int) -> dict:
               "threads": threads, "best_epoch": report["epoch"], "results": report["results"]}
     with open(result_path, "w") as f:
         json.dump(result, f, indent=2)
-    print(f"{name} seed {seed}: Dice {first_set(result)['dice']:.4f} in {times['train']:.0f} s", flush=True)
+    print(f"{name} seed {seed}: Dice {first_set(result)['dice']:.4f} in {times['train']:.0f} s",
+          file=sys.stderr, flush=True)
     return result
 
 

@@ -68,3 +68,46 @@ def test_breakdown_step_updates_the_model_as_the_plain_step(monkeypatch):
     assert list(parts) == list(train_step.PHASES)
     for (name, p), q in zip(a.module.named_parameters(), b.module.parameters()):
         assert torch.allclose(p, q, atol=1e-6), name
+
+
+def test_ablate_verdict_uses_the_seed_spread():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import ablate
+
+    def run(config, seed, dice, mae=0.1):
+        metrics = {m: 0.5 for m in ablate.METRICS}
+        metrics.update(dice=dice, mae=mae)
+        return {"config": config, "seed": seed, "train_s": 10.0, "results": {"Kvasir-val": metrics}}
+
+    summary = ablate.summarise([run("defaults", 1, 0.60), run("defaults", 2, 0.62),
+                                run("dice-2", 1, 0.66), run("dice-2", 2, 0.65),
+                                run("moe-off", 1, 0.58), run("moe-off", 2, 0.63),
+                                run("ds-on", 1, 0.50), run("ds-on", 2, 0.54),
+                                run("ema-on", 1, 0.70)])
+    assert math.isclose(summary["defaults"]["dice"][0], 0.61) and math.isclose(summary["defaults"]["dice"][1], 0.02)
+    base = summary["defaults"]
+    assert ablate.verdict(summary["dice-2"], base) == "gain"  # +0.045 > spread 0.02
+    assert ablate.verdict(summary["moe-off"], base) == "no measured effect"  # its own spread 0.05
+    assert ablate.verdict(summary["ds-on"], base) == "loss"
+    assert ablate.verdict(summary["ema-on"], base) == "one seed: no verdict"
+    text = ablate.table(summary)
+    assert "| dice-2 | 1,2 |" in text and "+0.045" in text and "(base)" in text
+
+
+def test_ablate_runs_a_tiny_grid_and_resumes(tmp_path):
+    out = tmp_path / "study"
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "ablate.py"), "--data", "demo", "--out", str(out),
+           "--configs", "defaults,moe-off", "--seeds", "1", "--img-size", "64", "--epochs", "3",
+           "--num-workers", "0", "--extra", "--limit-batches 1", "--no-compare", "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout)["summary"]
+    assert set(summary) == {"defaults", "moe-off"} and summary["moe-off"]["seeds"] == [1]
+    result = json.loads((out / "moe-off" / "seed1" / "result.json").read_text())
+    assert "--num-experts" in result["train_command"] and result["best_epoch"] >= 1
+    assert 0.0 <= summary["defaults"]["dice"][0] <= 1.0 and (out / "table.md").exists()
+    # a second call finds the results and trains nothing
+    before = (out / "defaults" / "seed1" / "best_model.pth").stat().st_mtime
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["summary"] == summary
+    assert (out / "defaults" / "seed1" / "best_model.pth").stat().st_mtime == before
