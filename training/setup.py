@@ -50,6 +50,9 @@ def load_data(cfg: Config):
     log.info("Data: %s layout at %s | train %d | val %d from %s | test sets: %s",
              index.layout, index.root, len(train), len(val), val_source,
              ", ".join(f"{k} ({len(v)})" for k, v in index.tests.items()) or "none")
+    if cfg.cache:
+        log.info("Cache (--cache): each split's images and masks at %d px, as .npy arrays under %s",
+                 cfg.img_size, cfg.cache_dir_value)
     return index, train, val
 
 
@@ -98,7 +101,8 @@ def make_loader(cfg: Config, rt: Runtime, samples, batch_size: int, train: bool,
     if not train and cfg.limit_batches:
         samples = samples[:cfg.limit_batches * batch_size]
     aug = cod_data.aug_preset(cfg.aug) if train else None
-    ds = cod_data.SegDataset(samples, cfg.img_size, train=train, aug=aug)
+    cache = open_cache(cfg, rt, samples) if cfg.cache and samples else None
+    ds = cod_data.SegDataset(samples, cfg.img_size, train=train, aug=aug, cache=cache)
     sampler = None
     if rt.world_size > 1:
         sampler = (DistributedSampler(ds, rt.world_size, rt.rank, shuffle=True, seed=cfg.seed + seed_offset,
@@ -109,6 +113,18 @@ def make_loader(cfg: Config, rt: Runtime, samples, batch_size: int, train: bool,
     return cod_data.build_loader(ds, batch_size=batch_size, shuffle=train, num_workers=workers,
                                  seed=cfg.seed + seed_offset + 7919 * rt.rank, sampler=sampler,
                                  drop_last=train and n_local >= batch_size)
+
+
+def open_cache(cfg: Config, rt: Runtime, samples) -> cod_data.ArrayCache:
+    """--cache: the main process builds the arrays of ``samples`` (or finds them built) while the
+    other processes wait; then every process opens them."""
+    if not rt.is_main:
+        rt.barrier()
+    workers = min(cfg.num_workers, os.cpu_count() or 1)
+    cache = cod_data.build_cache(samples, cfg.img_size, cfg.cache_dir_value, workers)
+    if rt.is_main:
+        rt.barrier()
+    return cache
 
 
 def build_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
