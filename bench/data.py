@@ -19,7 +19,9 @@ cache is built in a temporary folder before its rows (on ``max(--workers)`` thre
 it on ``--num-workers``), and its build time is reported apart from the img/s.
 
 Timing: the first batch (worker start-up included) is not timed; the next ``--batches`` are, and
-img/s is their images over their wall time. A row's bottleneck is "loader" when its img/s is under
+img/s is their images over their wall time. CPU ms/img is the CPU time of the whole pass (this
+process and its workers, warm-up included) per image: on a machine shared with other jobs it moves
+less than img/s, and img/s cannot exceed about (free cores x 1000 / CPU ms/img). A row's bottleneck is "loader" when its img/s is under
 twice ``--model-img-per-s`` (the rate the GPU would consume), else "model". With ``--json`` exactly
 one JSON object is printed on stdout and nothing else.
 """
@@ -31,6 +33,7 @@ import contextlib
 import json
 import os
 import platform
+import resource
 import shutil
 import sys
 import tempfile
@@ -78,19 +81,29 @@ def generate_cod10k_like(folder: str, n: int, seed: int = 0) -> list:
     return samples
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and of its children that have exited (DataLoader workers, once joined)."""
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+
+
 def time_loader(dataset, args, workers: int) -> dict:
-    """img/s over ``--batches`` batches after one warm-up batch, from one loader pass."""
+    """img/s over ``--batches`` batches after one warm-up batch, from one loader pass; and the CPU time
+    per image of the whole pass (warm-up and worker start included), which other jobs disturb less."""
     count = (1 + args.batches) * args.batch_size
     sampler = RandomSampler(dataset, num_samples=count, generator=torch.Generator().manual_seed(args.seed))
     loader = cod_data.build_loader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=workers,
                                    seed=args.seed, sampler=sampler)
+    cpu = cpu_seconds()
     batches = iter(loader)
-    next(batches)  # warm-up: the workers start and fill their queues
+    first = len(next(batches)["image"])  # warm-up: the workers start and fill their queues
     start = time.perf_counter()
-    images = sum(len(batch["image"]) for batch in batches)
+    images = sum(len(batch["image"]) for batch in batches)  # the last one stops and joins the workers
     seconds = time.perf_counter() - start
+    cpu = cpu_seconds() - cpu
     return {"img_per_s": images / seconds, "images_timed": images, "seconds": seconds,
-            "ms_per_batch": 1000 * seconds * args.batch_size / images}
+            "ms_per_batch": 1000 * seconds * args.batch_size / images,
+            "cpu_ms_per_img": 1000 * cpu / (first + images)}
 
 
 def bench_dataset(name: str, samples: list, args, cache_root: str) -> tuple[dict, list]:
@@ -150,13 +163,15 @@ def print_table(result: dict) -> None:
           f"1 warm-up | {s['cpu_count']} CPUs ({s['machine']}) | load average at the end {s['load_avg_end']:.2f}")
     for d in result["datasets"]:
         b = d["cache_build"]
+        threads = f"{b['threads']} thread{'s' if b['threads'] != 1 else ''}"
         print(f"- {d['name']}: {d['images']} images, median {d['source_size'][0]}x{d['source_size'][1]} px; "
-              f"cache built in {b['seconds']:.1f} s on {b['threads']} threads, {b['mib']:.1f} MiB")
-    print(f"\n| dataset | cache | workers | img/s | ms/batch | bottleneck (model {s['model_img_per_s']:g} img/s) |")
-    print("| --- | --- | ---: | ---: | ---: | --- |")
+              f"cache built in {b['seconds']:.1f} s on {threads}, {b['mib']:.1f} MiB")
+    print(f"\n| dataset | cache | workers | img/s | ms/batch | CPU ms/img | bottleneck (model "
+          f"{s['model_img_per_s']:g} img/s) |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | --- |")
     for r in result["rows"]:
         print(f"| {r['dataset']} | {'on' if r['cache'] else 'off'} | {r['workers']} | {r['img_per_s']:.1f} | "
-              f"{r['ms_per_batch']:.0f} | {r['bottleneck']} |")
+              f"{r['ms_per_batch']:.0f} | {r['cpu_ms_per_img']:.1f} | {r['bottleneck']} |")
 
 
 def parse_args(argv=None):

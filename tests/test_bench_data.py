@@ -26,6 +26,7 @@ def test_data_bench_json_on_cpu(tmp_path):
         for workers in (0, 1)]
     for r in out["rows"]:
         assert r["img_per_s"] > 0 and r["images_timed"] == 8 and r["bottleneck"] in ("loader", "model")
+        assert r["cpu_ms_per_img"] > 0
     s = out["settings"]
     assert (s["img_size"], s["batch_size"], s["batches"], s["model_img_per_s"], s["aug"]) == (64, 4, 2, 112.5,
                                                                                                "moderate")
