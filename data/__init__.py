@@ -8,7 +8,7 @@
     cache = build_cache(train, 384, num_workers=4)     # --cache: decoded once, then SegDataset(..., cache=cache)
 """
 
-from .cache import ArrayCache, build_cache
+from .cache import ArrayCache, build_cache, build_caches
 from .dataset import SegDataset
 from .demo import make_demo_dataset
 from .discovery import DEFAULT_SEED, DatasetIndex, Sample, find_dataset, split_train_val
@@ -29,6 +29,7 @@ __all__ = [
     "ShardSampler",
     "aug_preset",
     "build_cache",
+    "build_caches",
     "build_loader",
     "find_dataset",
     "load_image",

@@ -1,6 +1,7 @@
 """train's ``--cache``: every sample read and resized once, kept as .npy arrays that all processes map.
 
     cache = build_cache(samples, img_size, cache_dir, num_workers)   # built once, then reused
+    train_cache, val_cache = build_caches([train, val], ...)         # one free-space check for both
     ds = SegDataset(samples, img_size, train=True, aug=aug, cache=cache)
 
 What is stored is what ``SegDataset`` computes before augmenting, ``read_resized``'s output, so items
@@ -121,12 +122,36 @@ def _is_complete(folder: str, count: int, img_size: int) -> bool:
         (CACHE_VERSION, count, img_size)
 
 
+def _root(cache_dir: str | None) -> str:
+    return os.path.abspath(os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR))
+
+
+def _make_root(root: str) -> None:
+    try:
+        os.makedirs(root, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--cache-dir {root}: cannot create it ({e.strerror or e}); pass a folder you can "
+                        "write to, or leave out --cache") from None
+
+
 def check_free_space(folder: str, need: int) -> None:
     """A one-line ``UserError`` unless ``need`` bytes fit on the disk of ``folder``."""
     free = shutil.disk_usage(folder).free
     if need > free:
         raise UserError(f"--cache: the arrays need {_mib(need)} but only {_mib(free)} is free in {folder}; "
                         "pass --cache-dir on a disk with more room, or leave out --cache")
+
+
+def build_caches(splits: Sequence[Sequence[Sample]], img_size: int, cache_dir: str | None = None,
+                 num_workers: int = 0) -> list[ArrayCache]:
+    """``build_cache`` for each split, after one free-space check for all those not built yet."""
+    splits = [list(s) for s in splits]
+    root = _root(cache_dir)
+    todo = [s for s in splits if s and not _is_complete(os.path.join(root, cache_key(s, img_size)), len(s), img_size)]
+    if todo:
+        _make_root(root)
+        check_free_space(root, sum(cache_bytes(len(s), img_size) for s in todo))
+    return [build_cache(s, img_size, root, num_workers) for s in splits]
 
 
 def build_cache(samples: Sequence[Sample], img_size: int, cache_dir: str | None = None,
@@ -137,17 +162,13 @@ def build_cache(samples: Sequence[Sample], img_size: int, cache_dir: str | None 
     samples = list(samples)
     if not samples or num_workers < 0:
         raise ValueError(f"build_cache needs samples and num_workers >= 0 (got {len(samples)}, {num_workers})")
-    root = os.path.abspath(os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR))
+    root = _root(cache_dir)
     folder = os.path.join(root, cache_key(samples, img_size))
     if _is_complete(folder, len(samples), img_size):
         log.info("Cache: reused %s (%d images of %d px, %s)", folder, len(samples), img_size,
                  _mib(_read_meta(folder)["bytes"]))
         return ArrayCache(folder, img_size, len(samples))
-    try:
-        os.makedirs(root, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--cache-dir {root}: cannot create it ({e.strerror or e}); pass a folder you can "
-                        "write to, or leave out --cache") from None
+    _make_root(root)
     need = cache_bytes(len(samples), img_size)
     check_free_space(root, need)
     start = time.perf_counter()

@@ -16,7 +16,7 @@ import torch
 
 import data.cache as cache_mod
 import train_ultimate
-from data import Sample, SegDataset, aug_preset, build_cache, build_loader
+from data import Sample, SegDataset, aug_preset, build_cache, build_loader, make_demo_dataset
 from errors import UserError
 from training.config import Config
 
@@ -186,6 +186,29 @@ def test_train_with_cache_matches_a_run_without(tmp_path, monkeypatch, caplog):
         with open(os.path.join(folder, "metrics.csv")) as f:
             rows[name] = list(csv.DictReader(f))
     assert len(rows["plain"]) == 2 and rows["cached"] == rows["plain"]
-    log = open(os.path.join(runs["cached"], "train.log")).read()
-    assert f"Cache (--cache): each split's images and masks at 64 px, as .npy arrays under {arrays}" in log
-    assert f"Cache: built {arrays}" in log and f"Cache: reused {arrays}" in log  # stage 2 reuses stage 1's
+    log = open(os.path.join(runs["cached"], "train.log")).read().splitlines()
+    assert sum(f"Cache (--cache): the training and validation images and masks at 64 px, as .npy arrays under "
+               f"{arrays}" in line for line in log) == 1
+    built = [line for line in log if f"Cache: built {arrays}" in line]
+    assert len(built) == 2 and "(144 images of 64 px)" in built[0] and "(8 images of 64 px)" in built[1]
+    assert sum(f"Cache: reused {arrays}" in line for line in log) == 4  # each stage's two loaders
+    assert len(os.listdir(arrays)) == 2  # the test set is read from its files
+
+
+def test_not_enough_space_stops_train_at_start_up(tmp_path, monkeypatch, capsys):
+    """One error line, and the checkpoint folder holds no run: the same command without --cache runs."""
+    demo = make_demo_dataset(str(tmp_path / "demo"), n_train=12, n_test=2, size=64, seed=1)
+    usage = shutil.disk_usage(str(tmp_path))
+    monkeypatch.setattr(cache_mod.shutil, "disk_usage", lambda path: usage._replace(free=10_000))
+    args = ["train", "--dataset-path", demo, "--checkpoint-dir", str(tmp_path / "ck"), "--backbone",
+            "edgenext_xx_small", "--no-pretrained", "--img-size", "64", "--epochs", "1", "--stage1-epochs", "0",
+            "--limit-batches", "1", "--num-workers", "0", "--device", "cpu", "--no-progress"]
+    cache_dir = str(tmp_path / "arrays")
+    assert train_ultimate.main([*args, "--cache", "--cache-dir", cache_dir]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    need = cache_mod.cache_bytes(12, 64) / 2**20  # the 11 training images and 1 validation image
+    assert len(err) == 1 and err[0].startswith(f"error: --cache: the arrays need {need:.1f} MiB but only "
+                                               f"0.0 MiB is free in {cache_dir}; pass --cache-dir"), err
+    assert os.listdir(cache_dir) == [] and not os.path.exists(tmp_path / "ck" / "config.json")
+    monkeypatch.undo()
+    assert train_ultimate.main(args) == 0
