@@ -14,7 +14,8 @@ once, as in an epoch of a real dataset, and not once per pass over a small one.
 Data: the training images of ``--dataset-path`` (default: ``../shared/data/kvasir_seg`` beside the
 repository, when it exists; ``none`` leaves it out), and ``--generated N`` COD10K-sized samples
 (1024x768 JPEG at quality 90, about 330 KB, with a PNG mask) written once to a temporary folder
-(0 leaves them out). Each is timed without and with the cache, for every ``--workers`` count. The
+(0 leaves them out). Each is timed without and with the cache, for every ``--workers`` count (as
+given: train caps ``--num-workers`` at the CPU count, this bench does not). The
 cache is built in a temporary folder before its rows (on ``max(--workers)`` threads, as train builds
 it on ``--num-workers``), and its build time is reported apart from the img/s.
 
