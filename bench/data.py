@@ -15,8 +15,8 @@ Data: the training images of ``--dataset-path`` (default: ``../shared/data/kvasi
 repository, when it exists; ``none`` leaves it out), and ``--generated N`` COD10K-sized samples
 (1024x768 JPEG at quality 90, about 330 KB, with a PNG mask) written once to a temporary folder
 (0 leaves them out). Each is timed without and with the cache, for every ``--workers`` count (as
-given: train caps ``--num-workers`` at the CPU count, this bench does not). The
-cache is built in a temporary folder before its rows (on ``max(--workers)`` threads, as train builds
+given: train caps ``--num-workers`` at the CPU count, this bench does not). The cache is built in a
+temporary folder before its rows, on ``max(--workers)`` threads up to the CPU count (as train builds
 it on ``--num-workers``), and its build time is reported apart from the img/s.
 
 Timing: the first batch (worker start-up included) is not timed; the next ``--batches`` are, and
