@@ -5,8 +5,10 @@
     train, val = split_train_val(report.good, 0.1, seed)   # validation comes from Train, never Test
     loader = build_loader(SegDataset(train, 384, train=True, aug=aug_preset("moderate")),
                           batch_size=8, shuffle=True, num_workers=4, seed=seed)
+    cache = build_cache(train, 384, num_workers=4)     # --cache: decoded once, then SegDataset(..., cache=cache)
 """
 
+from .cache import ArrayCache, build_cache, build_caches
 from .dataset import SegDataset
 from .demo import make_demo_dataset
 from .discovery import DEFAULT_SEED, DatasetIndex, Sample, find_dataset, split_train_val
@@ -18,6 +20,7 @@ from .transforms import AUG_PRESETS, AugConfig, aug_preset
 __all__ = [
     "DEFAULT_SEED",
     "AUG_PRESETS",
+    "ArrayCache",
     "AugConfig",
     "DatasetIndex",
     "Sample",
@@ -25,6 +28,8 @@ __all__ = [
     "SegDataset",
     "ShardSampler",
     "aug_preset",
+    "build_cache",
+    "build_caches",
     "build_loader",
     "find_dataset",
     "load_image",

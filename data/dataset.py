@@ -2,7 +2,8 @@
 
 Per item: load (``load_image``/``load_mask``) -> resize to ``img_size`` (image bilinear, mask bilinear
 re-binarised at 0.5: ``resize_mask``) -> augment (train only) -> normalise. The mask is exactly {0, 1}
-at every step.
+at every step. The first two steps are ``read_resized``; with a ``cache`` (``data/cache.py``, train's
+``--cache``) its output is read from arrays written once instead, and the rest is the same.
 
 Determinism: each item reseeds the ``A.Compose`` with its own augmentation seed. Once
 ``reseed(seed)`` has been called (``build_loader`` does so before every pass, from its seeded
@@ -14,7 +15,7 @@ which PyTorch seeds differently in every DataLoader worker.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -27,18 +28,38 @@ from .images import load_image, load_mask
 from .loader import mix_seeds
 from .transforms import AugConfig, build_augmentation, normalize, resize_pair
 
+if TYPE_CHECKING:
+    from .cache import ArrayCache
+
+
+def read_resized(sample: Sample, img_size: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """``(image SxSx3 uint8, mask SxS uint8 {0, 1}, (H, W) of the image file)``: the sample read and
+    resized (``resize_pair``); no mask reads as all zeros. An unreadable file raises its ``UserError``."""
+    image = load_image(sample.image)
+    h, w = image.shape[:2]
+    mask = load_mask(sample.mask) if sample.mask else np.zeros((h, w), np.uint8)
+    image, mask = resize_pair(image, mask, img_size)
+    return image, mask, (h, w)
+
 
 class SegDataset(Dataset):
     """Items are dicts: image 3xSxS float32 (ImageNet-normalised), mask 1xSxS float32 in {0, 1}, name,
     image_path, mask_path ('' for a sample without mask: the mask is then all zeros), orig_size
     [H, W] int64 and error ('' or the one line saying which file cannot be read: ``build_loader``
     raises it in the main process, where a worker's exception would come with its traceback).
-    ``aug`` only applies when ``train``; ``train=True`` with ``aug=None`` means ``AugConfig()``."""
+    ``aug`` only applies when ``train``; ``train=True`` with ``aug=None`` means ``AugConfig()``.
+    ``cache``: the ``ArrayCache`` of exactly these samples at ``img_size`` (``data.cache.build_cache``);
+    items are then read from it, bit-identical to reading the files."""
 
-    def __init__(self, samples: Sequence[Sample], img_size: int, train: bool, aug: AugConfig | None = None):
+    def __init__(self, samples: Sequence[Sample], img_size: int, train: bool, aug: AugConfig | None = None,
+                 cache: ArrayCache | None = None):
         if img_size < 8:
             raise UserError(f"--img-size must be >= 8 (got {img_size})")
+        if cache is not None and (len(cache) != len(samples) or cache.img_size != img_size):
+            raise ValueError(f"the cache holds {len(cache)} items of {cache.img_size} px, not {len(samples)} "
+                             f"of {img_size} px")
         self.samples = list(samples)
+        self.cache = cache
         self.img_size = int(img_size)
         self.train = bool(train)
         self.aug = (aug if aug is not None else AugConfig()) if train else None
@@ -60,12 +81,9 @@ class SegDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         s = self.samples[i]
         try:
-            image = load_image(s.image)
-            h, w = image.shape[:2]
-            mask = load_mask(s.mask) if s.mask else np.zeros((h, w), np.uint8)
+            image, mask, (h, w) = self.cache.item(i) if self.cache is not None else read_resized(s, self.img_size)
         except UserError as e:  # raised in the main process by the loader, as one line
             return self._failed(s, str(e))
-        image, mask = resize_pair(image, mask, self.img_size)
         if self._transform is not None:
             self._transform.set_random_seed(self._aug_seed(i))
             out = self._transform(image=image, mask=mask)

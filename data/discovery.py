@@ -38,6 +38,7 @@ _SINET_MASKS = ("gt", "gts", "gt_object", "masks", "mask")
 _COD_PARENT = ("cod10k-v3", "cod10k")
 DEMO_TEST_NAME = "demo"
 DEFAULT_SEED = 42  # train's --seed: the validation split and the demo data follow from it
+CACHE_ROOT = os.path.join("~", ".cache", "cod_ultimate")  # the demo data and --cache's arrays; ~ expanded at use
 COD10K_TEST_NAME = "COD10K"
 
 
@@ -166,7 +167,7 @@ def find_dataset(root: str, include_noncam: bool = False, cache_dir: str | None 
     if str(root).strip().lower() == "demo":
         from .demo import DEMO_SIZE, make_demo_dataset
 
-        parent = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "cod_ultimate")
+        parent = cache_dir or os.path.expanduser(CACHE_ROOT)
         demo_root = make_demo_dataset(os.path.join(parent, f"demo-{seed}-{DEMO_SIZE}"), size=DEMO_SIZE, seed=seed)
         index = _sinet(demo_root, include_noncam=True, layout="demo", allow_missing_masks=allow_missing_masks)
         assert index is not None and DEMO_TEST_NAME in index.tests, demo_root

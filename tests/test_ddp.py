@@ -115,7 +115,8 @@ def test_torchrun_trains_both_stages_and_resumes_in_one_process(root, tmp_path):
     out = str(tmp_path / "ddp")
     args = ["train", "--dataset-path", root, "--checkpoint-dir", out, *TINY, "--epochs", "3",
             "--stage1-epochs", "1", "--progressive-unfreeze", "--unfreeze-interval", "1", "--limit-batches", "3",
-            "--batch-size", "2", "--accumulation-steps", "2", "--ema"]
+            "--batch-size", "2", "--accumulation-steps", "2", "--ema",
+            "--cache", "--cache-dir", str(tmp_path / "arrays")]  # the main process builds, the other waits
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "train_ultimate.py", *args]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
@@ -124,6 +125,7 @@ def test_torchrun_trains_both_stages_and_resumes_in_one_process(root, tmp_path):
     assert proc.returncode == 0, text
     assert "world size 2" in text and "= 8 images per optimizer step" in text
     assert text.count("Epoch 2/3") == 1  # one process logs
+    assert text.count("Cache: built") == 2 and len(os.listdir(tmp_path / "arrays")) == 2  # train and val
     got = rows(out)
     assert [r["epoch"] for r in got] == ["1", "2", "3"]
     assert [r["unfreeze_level"] for r in got] == ["0", "1", "2"]

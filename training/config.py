@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
+from data.cache import DEFAULT_CACHE_DIR
 from data.discovery import DEFAULT_SEED
 from errors import UserError
 from evaluation.metrics import DEFAULT_THRESHOLD
@@ -60,6 +61,8 @@ class Config:
     aug: str = "moderate"
     num_workers: int = 4
     skip_bad_files: bool = True
+    cache: bool = False
+    cache_dir: Optional[str] = None  # None: DEFAULT_CACHE_DIR (~/.cache/cod_ultimate/arrays)
     limit_batches: Optional[int] = None
     # model
     backbone: str = ModelSpec.backbone
@@ -141,6 +144,10 @@ class Config:
     @property
     def stage2_epochs(self) -> int:
         return self.epochs - self.stage1_epochs
+
+    @property
+    def cache_dir_value(self) -> str:
+        return os.path.abspath(os.path.expanduser(self.cache_dir or DEFAULT_CACHE_DIR))
 
     @property
     def model_spec(self) -> ModelSpec:
@@ -242,6 +249,8 @@ class Config:
             need(value is None or value >= 1, f"{flag} must be >= 1 (got {value})")
         self.time_limit_s  # raises a UserError naming --time-limit when malformed or zero
         check_writable_folder("--checkpoint-dir", self.checkpoint_dir)
+        if self.cache:
+            check_writable_folder("--cache-dir", self.cache_dir_value)
         for flag, path in (("--resume-from", self.resume_from), ("--pretrained-path", self.pretrained_path)):
             need(path is None or os.path.isfile(path), f"{flag}: no such file: {path}")
         if self.pretrained_path is not None:

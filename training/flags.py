@@ -38,6 +38,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                "unreadable ones and images without mask, named in the log (no: stop)", d.skip_bad_files)
     g.add_argument("--limit-batches", type=int, default=None,
                    help="cap train and validation batches per epoch (quick checks)")
+    _bool_flag(g, "--cache", "decode and resize every image and mask once into .npy arrays (in --cache-dir, "
+               "reused by later runs on the same files and --img-size) and train from those")
+    g.add_argument("--cache-dir", default=d.cache_dir,
+                   help="where --cache keeps its arrays (default: ~/.cache/cod_ultimate/arrays)")
 
     g = p.add_argument_group("model")
     g.add_argument("--backbone", default=d.backbone, help="any timm edgenext_* model")

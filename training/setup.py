@@ -91,14 +91,21 @@ def train_samples_per_process(n: int, world_size: int) -> int:
     return n // world_size if world_size > 1 else n
 
 
-def make_loader(cfg: Config, rt: Runtime, samples, batch_size: int, train: bool, seed_offset: int = 0):
+def eval_samples(cfg: Config, samples, batch_size: int):
+    """What an evaluation loader reads: the first ``--limit-batches`` batches' worth, or all."""
+    return samples[:cfg.limit_batches * batch_size] if cfg.limit_batches else samples
+
+
+def make_loader(cfg: Config, rt: Runtime, samples, batch_size: int, train: bool, seed_offset: int = 0,
+                use_cache: bool = True):
     """Training: shuffled (under DDP each process its own part of one shuffled order); evaluation:
     in order, the first ``--limit-batches`` batches' worth of images, each counted exactly once
-    across the processes."""
-    if not train and cfg.limit_batches:
-        samples = samples[:cfg.limit_batches * batch_size]
+    across the processes. With ``--cache`` (and ``use_cache``) items come from the cached arrays."""
+    if not train:
+        samples = eval_samples(cfg, samples, batch_size)
     aug = cod_data.aug_preset(cfg.aug) if train else None
-    ds = cod_data.SegDataset(samples, cfg.img_size, train=train, aug=aug)
+    cache = open_caches(cfg, rt, [samples])[0] if cfg.cache and use_cache and samples else None
+    ds = cod_data.SegDataset(samples, cfg.img_size, train=train, aug=aug, cache=cache)
     sampler = None
     if rt.world_size > 1:
         sampler = (DistributedSampler(ds, rt.world_size, rt.rank, shuffle=True, seed=cfg.seed + seed_offset,
@@ -109,6 +116,29 @@ def make_loader(cfg: Config, rt: Runtime, samples, batch_size: int, train: bool,
     return cod_data.build_loader(ds, batch_size=batch_size, shuffle=train, num_workers=workers,
                                  seed=cfg.seed + seed_offset + 7919 * rt.rank, sampler=sampler,
                                  drop_last=train and n_local >= batch_size)
+
+
+def prepare_cache(cfg: Config, rt: Runtime, train, val) -> None:
+    """--cache, at start-up (before anything is written to the checkpoint folder): the arrays of the
+    training images and of stage 1's validation images, after one free-space check for both. The
+    test sets, scored once after training, are read from their files."""
+    if not cfg.cache:
+        return
+    log.info("Cache (--cache): the training and validation images and masks at %d px, as .npy arrays "
+             "under %s", cfg.img_size, cfg.cache_dir_value)
+    open_caches(cfg, rt, [s for s in (train, eval_samples(cfg, val, cfg.batch_size)) if s])
+
+
+def open_caches(cfg: Config, rt: Runtime, splits) -> list:
+    """The ``ArrayCache`` of each split: the main process builds them (or finds them built) while the
+    other processes wait, then every process opens them."""
+    if not rt.is_main:
+        rt.barrier()
+    workers = min(cfg.num_workers, os.cpu_count() or 1)
+    caches = cod_data.build_caches(splits, cfg.img_size, cfg.cache_dir_value, workers)
+    if rt.is_main:
+        rt.barrier()
+    return caches
 
 
 def build_optimizer(cfg: Config, model) -> torch.optim.Optimizer:

@@ -40,8 +40,8 @@ from training.resume import resume_run
 from training.runlog import (format_epoch_line, log_model_summary, setup_logging, start_logging, stop_buffering,
                              write_metrics_csv)
 from training.runtime import Runtime, make_runtime
-from training.setup import (build_optimizer, load_data, make_loader, make_lr_plan, seed_everything,
-                            train_samples_per_process)
+from training.setup import (build_optimizer, load_data, make_loader, make_lr_plan, prepare_cache,
+                            seed_everything, train_samples_per_process)
 from training.stages import Stage, current_unfreeze_level, log_unfreeze_plan, plan_stages
 from training.state import RunState
 from training.tb_logger import TensorBoardLogger
@@ -130,6 +130,7 @@ def start_run(cfg: Config, rt: Runtime):
     index, train_samples, val_samples = load_data(cfg)
     if rt.is_main:
         rt.barrier()
+    prepare_cache(cfg, rt, train_samples, val_samples)
     run = build_run(cfg, rt)
     if rt.rank:
         torch.manual_seed(cfg.seed + rt.rank)  # same initial weights everywhere, own dropout masks
@@ -321,7 +322,7 @@ def evaluate_test_sets(run: Run, index) -> dict:
     ckpt.load_model_weights(run.net, best["ema"]["module"] if best.get("ema") else best["model"], best_path)
     results = {}
     for name, samples in index.tests.items():
-        loader = make_loader(cfg, rt, samples, cfg.stage2_batch_size_value, train=False)
+        loader = make_loader(cfg, rt, samples, cfg.stage2_batch_size_value, train=False, use_cache=False)
         results[name] = validate(cfg, rt, run.net, run.loss_fn, loader, stop=run.stop, desc=f"test {name}",
                                  fp32=True)
         if results[name] is None:
