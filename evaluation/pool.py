@@ -40,8 +40,8 @@ from evaluation.scorer import Scorer
 
 log = logging.getLogger(__name__)
 
-CHUNK = 4               # images per task: a batch is spread over the workers, one chunk is a short wait
-QUEUED_PER_WORKER = 4   # chunks sent and not yet answered, per worker, before ``add`` waits (host memory)
+CHUNK = 2               # images per task: a batch is spread over the workers, one chunk is a short wait
+QUEUED_PER_WORKER = 8   # chunks sent and not yet answered, per worker, before ``add`` waits (host memory)
 MAX_DEFAULT_WORKERS = 4
 SIGNALS = {signal.SIGINT, signal.SIGTERM}
 _running: set = set()   # pools with live workers, closed at exit
@@ -78,7 +78,7 @@ def _score_chunk(task_id, threshold: float, probs: list, paths: list) -> tuple:
 
 def _work(tasks, results) -> None:
     """A worker: score chunks until a ``None``, or until the main process is gone (its forkserver
-    parent exits with it). Signals arrive blocked (see ``MetricPool._start``); ignored from here."""
+    parent exits with it). Signals arrive blocked (see ``MetricPool.start``); ignored from here."""
     for sig in SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
@@ -145,7 +145,10 @@ class MetricPool:
         self._answers.clear()
         return PoolScorer(self, threshold, self._round)
 
-    def _start(self) -> None:
+    def start(self) -> None:
+        """Start the workers now (else the first chunk does); nothing when they run or with 0 workers."""
+        if self._procs or not self.workers:
+            return
         ctx = multiprocessing.get_context("forkserver")
         # the forkserver imports this module (torch, cv2, PySODMetrics) once, when it can, and every
         # worker forks from it
@@ -170,8 +173,7 @@ class MetricPool:
 
     def submit(self, round_: int, threshold: float, probs: list, paths: list) -> tuple:
         """Queue one chunk for scorer ``round_``; returns its task id. Waits while too many are pending."""
-        if not self._procs:
-            self._start()
+        self.start()
         while len(self._inflight) >= QUEUED_PER_WORKER * self.workers:
             self._receive(timeout=1.0)
         task_id = (round_, self._sent)

@@ -1,28 +1,56 @@
-"""Scoring in worker processes (evaluation/pool.py): the in-process numbers exactly, the in-process
-one-line error for an unreadable mask, no process left behind."""
+"""Scoring in worker processes (``--metric-workers``, evaluation/pool.py): the in-process numbers exactly,
+the in-process one-line error for an unreadable mask, no process left behind, and a signal to the
+process group during validation stops the run as it does without workers."""
 
+import csv
+import json
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import cv2
 import numpy as np
 import pytest
 import torch
 
+import train_ultimate
+from data import make_demo_dataset
 from errors import UserError
 from evaluation.pool import CHUNK, MetricPool, PoolScorer
 from evaluation.scorer import Scorer
+from losses import build_loss
+from models import build_model
+from tests.test_signals import finish, wait_for
+from training import loop
+from training.config import Config
+from training.runtime import Runtime
+from training.setup import load_data, make_loader
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = ["--backbone", "edgenext_xx_small", "--no-pretrained", "--img-size", "64", "--epochs", "2",
+         "--stage1-epochs", "1", "--limit-batches", "2", "--num-workers", "0", "--device", "cpu", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """Demo data at 96 px: the 64 px predictions are resized to the masks' size before scoring."""
+    return make_demo_dataset(str(tmp_path_factory.mktemp("metric_workers") / "demo"), n_train=16, n_test=8,
+                             size=96, seed=2)
 
 
 @pytest.fixture
 def started(monkeypatch):
     """The pids of every worker a MetricPool starts in this test."""
-    pids, real = [], MetricPool._start
+    pids, real = [], MetricPool.start
 
     def start(self):
         real(self)
-        pids.extend(self.pids)
+        pids.extend(pid for pid in self.pids if pid not in pids)
 
-    monkeypatch.setattr(MetricPool, "_start", start)
+    monkeypatch.setattr(MetricPool, "start", start)
     return pids
 
 
@@ -98,3 +126,95 @@ def test_an_unreadable_mask_is_the_in_process_one_line_error(tmp_path, started):
     assert str(in_workers.value) == str(in_process.value) and paths[4] in str(in_process.value)
     assert "\n" not in str(in_workers.value)
     assert len(started) == 2 and all(gone(pid) for pid in started)
+
+
+def test_validate_in_two_workers_equals_the_main_process(demo, started):
+    results = []
+    for workers in (2, 0):
+        cfg = Config(dataset_path=demo, backbone="edgenext_xx_small", pretrained=False, img_size=64,
+                     num_workers=0, metric_workers=workers, device="cpu", amp="off", progress=False,
+                     val_split=0.5).validate()
+        torch.manual_seed(0)
+        model = build_model(backbone="edgenext_xx_small", pretrained=False)
+        rt = Runtime("cpu", "off")
+        _, _, val = load_data(cfg)
+        results.append(loop.validate(cfg, rt, model, build_loss(), make_loader(cfg, rt, val, 3, train=False)))
+    assert results[0] == results[1] and {"loss", "sm", "wfm", "iou"} <= set(results[0])
+    assert len(started) == 2 and all(gone(pid) for pid in started)  # validate() ended the pool it started
+
+
+def train(demo, out, workers):
+    assert train_ultimate.main(["train", "--dataset-path", demo, "--checkpoint-dir", str(out),
+                                "--metric-workers", str(workers), *TRAIN]) == 0
+    with open(out / "metrics.csv") as f:
+        return list(csv.reader(f)), json.loads((out / "test_metrics.json").read_text())["results"]
+
+
+def test_train_and_evaluate_with_workers_equal_the_main_process(demo, tmp_path, started, capsys):
+    rows, test = train(demo, tmp_path / "w2", 2)
+    assert len(started) == 2 and all(gone(pid) for pid in started)  # one pool for the whole run
+    assert (rows, test) == train(demo, tmp_path / "w0", 0)
+    assert len(rows) == 3 and "val_sm" in rows[0]
+
+    ckpt = str(tmp_path / "w2" / "best_model.pth")
+    reports = []
+    for workers in ("2", "0"):
+        out = tmp_path / f"eval{workers}"
+        assert train_ultimate.main(["evaluate", "--checkpoint", ckpt, "--dataset-path", demo, "--device", "cpu",
+                                    "--num-workers", "0", "--no-progress", "--out-dir", str(out),
+                                    "--metric-workers", workers]) == 0
+        reports.append(json.loads((out / "eval_results.json").read_text())["results"])
+    assert reports[0] == reports[1] and len(started) == 4 and all(gone(pid) for pid in started)
+
+    broken = tmp_path / "broken"
+    shutil.copytree(demo, broken)
+    bad = sorted((broken / "TestDataset" / "demo" / "GT").iterdir())[5]
+    bad.write_bytes(b"\x89PNG these bytes are no image")
+    capsys.readouterr()
+    assert train_ultimate.main(["evaluate", "--checkpoint", ckpt, "--dataset-path", str(broken), "--device", "cpu",
+                                "--num-workers", "0", "--no-progress", "--out-dir", str(tmp_path / "evalbad"),
+                                "--metric-workers", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and str(bad) in err and "\n" not in err
+    assert len(started) == 6 and all(gone(pid) for pid in started)
+
+
+DRIVER = """
+import os, sys, time
+sys.path.insert(0, {repo!r})
+from evaluation import pool
+import train_ultimate
+
+real_add, marker = pool.PoolScorer.add, os.environ.get("SIGNAL_MARKER", "")
+
+def add(self, probs, paths):
+    real_add(self, probs, paths)
+    if marker and not os.path.exists(marker):
+        with open(marker + ".tmp", "w") as f:
+            f.write(" ".join(map(str, self.pool.pids)))
+        os.replace(marker + ".tmp", marker)
+        time.sleep(4)  # the test signals the group now, with this validation's chunks in the workers
+
+pool.PoolScorer.add = add
+if __name__ == "__main__":  # each metric worker imports this file too, as __mp_main__
+    sys.exit(train_ultimate.main(sys.argv[1:]))
+"""
+
+
+def test_a_signal_to_the_group_during_validation_reaches_only_the_main_process(demo, tmp_path):
+    driver, marker, out = tmp_path / "driver.py", str(tmp_path / "marker"), str(tmp_path / "killed")
+    driver.write_text(DRIVER.format(repo=REPO))
+    proc = subprocess.Popen([sys.executable, str(driver), "train", "--dataset-path", demo, "--checkpoint-dir", out,
+                             *TRAIN, "--metric-workers", "2", "--val-split", "0.5"], cwd=REPO,
+                            env={**os.environ, "SIGNAL_MARKER": marker, "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for(marker, proc)
+    pids = [int(p) for p in open(marker).read().split()]
+    os.killpg(proc.pid, signal.SIGTERM)  # the main process, the workers and the forkserver
+    time.sleep(1.0)  # the main process sleeps 4 s in the driver: the workers ignored it
+    assert not any(gone(pid) for pid in pids)
+    rc, text = finish(proc)
+    assert rc == 128 + signal.SIGTERM, text
+    assert "Traceback" not in text and "before its validation" in text, text
+    assert len(pids) == 2 and all(gone(pid) for pid in pids)
+    assert os.path.isfile(os.path.join(out, "last.pth"))

@@ -59,6 +59,7 @@ class Config:
     include_noncam: bool = False
     aug: str = "moderate"
     num_workers: int = 4
+    metric_workers: Optional[int] = None  # None: evaluation.pool.default_metric_workers()
     skip_bad_files: bool = True
     limit_batches: Optional[int] = None
     # model
@@ -213,6 +214,8 @@ class Config:
             self._check_onecycle_floor()
         need(0.0 <= self.val_split < 1.0, f"--val-split must be in [0, 1) (got {self.val_split})")
         need(self.num_workers >= 0, f"--num-workers must be >= 0 (got {self.num_workers})")
+        need(self.metric_workers is None or self.metric_workers >= 0,
+             f"--metric-workers must be >= 0, 0 scores in the main process (got {self.metric_workers})")
         need(self.limit_batches is None or self.limit_batches >= 1,
              f"--limit-batches must be >= 1 (got {self.limit_batches})")
         need(0.0 <= self.label_smoothing < 1.0,
