@@ -16,7 +16,7 @@ thread pools), with SIGINT and SIGTERM blocked from the start and then ignored: 
 process group (Ctrl-C, ``timeout``, Kaggle's stop) reaches only the main process, which stops
 cleanly. ``close()`` lets idle workers exit and kills them when chunks are still pending (a
 validation cut short by a signal does not wait for its images); a worker whose main process is gone
-exits by itself within a second.
+(killed, say) exits by itself within a second.
 """
 
 from __future__ import annotations
@@ -76,19 +76,20 @@ def _score_chunk(task_id, threshold: float, probs: list, paths: list) -> tuple:
         return task_id, None, ("bug", traceback.format_exc())
 
 
-def _work(tasks, results) -> None:
-    """A worker: score chunks until a ``None``, or until the main process is gone (its forkserver
-    parent exits with it). Signals arrive blocked (see ``MetricPool.start``); ignored from here."""
+def _work(tasks, results, main_alive) -> None:
+    """A worker: score chunks until a ``None``, or until the main process is gone: ``main_alive`` is
+    the read end of a pipe only it holds open, at EOF then. (The forkserver, the workers' parent,
+    does not end with it: the workers keep it alive.) Signals arrive blocked (see
+    ``MetricPool.start``); ignored from here."""
     for sig in SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
     results.cancel_join_thread()  # exit even when nobody reads the answers any more
-    parent = os.getppid()
     while True:
         try:
             task = tasks.get(timeout=1.0)
         except queue.Empty:
-            if os.getppid() != parent:
+            if main_alive.poll():  # nothing is ever written: readable means EOF
                 return
             continue
         if task is None:
@@ -120,7 +121,7 @@ class MetricPool:
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0 (got {workers})")
         self._procs: list = []
-        self._tasks = self._results = None
+        self._tasks = self._results = self._alive = None
         self._round = 0          # the scorer being served; answers to earlier ones are dropped
         self._sent = 0
         self._inflight: set = set()   # task ids sent and not yet answered
@@ -157,15 +158,17 @@ class MetricPool:
         # up: so before the block, which the forkserver and the workers inherit (a forkserver started
         # earlier by other code does not)
         self._tasks, self._results = ctx.Queue(), ctx.Queue()
+        main_alive, self._alive = ctx.Pipe(duplex=False)  # this process keeps the write end, the workers the other
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
         try:
             for k in range(self.workers):
-                p = ctx.Process(target=_work, args=(self._tasks, self._results), daemon=True,
+                p = ctx.Process(target=_work, args=(self._tasks, self._results, main_alive), daemon=True,
                                 name=f"metric-worker-{k}")
                 p.start()
                 self._procs.append(p)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            main_alive.close()  # the workers have their own copies
         self._tasks.cancel_join_thread()  # exit does not wait to send chunks nobody will score
         _running.add(self)
         log.info("Metrics: scored in %d worker process%s (--metric-workers)", self.workers,
@@ -237,7 +240,8 @@ class MetricPool:
                 p.join()
         self._tasks.close()
         self._results.close()
-        self._tasks = self._results = None
+        self._alive.close()
+        self._tasks = self._results = self._alive = None
         self._inflight.clear()
         self._answers.clear()
 

@@ -128,6 +128,37 @@ def test_an_unreadable_mask_is_the_in_process_one_line_error(tmp_path, started):
     assert len(started) == 2 and all(gone(pid) for pid in started)
 
 
+ORPHAN = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+from evaluation.pool import MetricPool
+
+if __name__ == "__main__":
+    pool = MetricPool(2)
+    pool.start()
+    with open({pids!r}, "w") as f:
+        f.write(" ".join(map(str, pool.pids)))
+    os.kill(os.getpid(), signal.SIGKILL)  # no close(), no atexit: the workers must notice by themselves
+"""
+
+
+def test_the_workers_exit_when_the_main_process_is_killed(tmp_path):
+    script, pids_file = tmp_path / "orphan.py", tmp_path / "pids"
+    script.write_text(ORPHAN.format(repo=REPO, pids=str(pids_file)))
+    rc = subprocess.run([sys.executable, str(script)], cwd=REPO, stdin=subprocess.DEVNULL,
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120).returncode
+    assert rc == -signal.SIGKILL
+    pids = [int(p) for p in pids_file.read_text().split()]
+    for _ in range(150):  # they look every second
+        if all(gone(pid) for pid in pids):
+            break
+        time.sleep(0.2)
+    left = [pid for pid in pids if not gone(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert len(pids) == 2 and not left
+
+
 def test_validate_in_two_workers_equals_the_main_process(demo, started):
     results = []
     for workers in (2, 0):
@@ -185,7 +216,7 @@ sys.path.insert(0, {repo!r})
 from evaluation import pool
 import train_ultimate
 
-real_add, marker = pool.PoolScorer.add, os.environ.get("SIGNAL_MARKER", "")
+real_add, real_score, marker = pool.PoolScorer.add, pool._score_chunk, os.environ.get("SIGNAL_MARKER", "")
 
 def add(self, probs, paths):
     real_add(self, probs, paths)
@@ -195,9 +226,15 @@ def add(self, probs, paths):
         os.replace(marker + ".tmp", marker)
         time.sleep(4)  # the test signals the group now, with this validation's chunks in the workers
 
+def score_for_an_hour(*task):
+    time.sleep(3600)
+    return real_score(*task)
+
 pool.PoolScorer.add = add
-if __name__ == "__main__":  # each metric worker imports this file too, as __mp_main__
+if __name__ == "__main__":
     sys.exit(train_ultimate.main(sys.argv[1:]))
+else:  # a metric worker, which imports this file as __mp_main__: its chunks are pending when the run stops
+    pool._score_chunk = score_for_an_hour
 """
 
 
@@ -210,11 +247,16 @@ def test_a_signal_to_the_group_during_validation_reaches_only_the_main_process(d
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     wait_for(marker, proc)
     pids = [int(p) for p in open(marker).read().split()]
-    os.killpg(proc.pid, signal.SIGTERM)  # the main process, the workers and the forkserver
-    time.sleep(1.0)  # the main process sleeps 4 s in the driver: the workers ignored it
-    assert not any(gone(pid) for pid in pids)
-    rc, text = finish(proc)
-    assert rc == 128 + signal.SIGTERM, text
-    assert "Traceback" not in text and "before its validation" in text, text
-    assert len(pids) == 2 and all(gone(pid) for pid in pids)
-    assert os.path.isfile(os.path.join(out, "last.pth"))
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)  # the main process, the workers and the forkserver
+        time.sleep(1.0)  # the main process sleeps 4 s in the driver: the workers ignored it
+        assert len(pids) == 2 and not any(gone(pid) for pid in pids)
+        rc, text = finish(proc)  # the pending chunks (an hour each) are not waited for
+        assert rc == 128 + signal.SIGTERM, text
+        assert "Traceback" not in text and "before its validation" in text, text
+        assert all(gone(pid) for pid in pids)
+        assert os.path.isfile(os.path.join(out, "last.pth"))
+    finally:
+        for pid in pids:
+            if not gone(pid):
+                os.kill(pid, signal.SIGKILL)
