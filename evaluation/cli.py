@@ -59,7 +59,7 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
                         "by default only the CAM ones")
     g.add_argument("--metric-workers", type=int, default=None,
                    help="processes that score the images (the metrics at each mask's resolution) while the "
-                        "model runs; 0 = in the main process (default: min(4, CPUs - 1))")
+                        "model runs; 0 = in the main process (default: --num-workers, at most CPUs - 1)")
 
 
 def add_predict_arguments(p: argparse.ArgumentParser) -> None:

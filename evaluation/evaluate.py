@@ -29,7 +29,7 @@ import data as cod_data
 from data.transforms import normalize, resize_pair
 from errors import UserError
 from evaluation.metrics import DEFAULT_THRESHOLD, METRIC_KEYS, format_table
-from evaluation.pool import MetricPool
+from evaluation.pool import MetricPool, default_metric_workers
 from evaluation.scorer import Scorer
 from models import DEFAULT_IMG_SIZE, ModelSpec, build_model, check_img_size
 from training import state as ckpt
@@ -78,7 +78,7 @@ class EvalOptions(InferenceOptions):
     out_dir: Optional[str] = None      # default: the checkpoint's folder
     limit: Optional[int] = None        # first N images of each test set
     include_noncam: bool = False       # COD10K: also score the NonCAM test images (empty masks)
-    metric_workers: Optional[int] = None  # scoring processes; None: evaluation.pool.default_metric_workers()
+    metric_workers: Optional[int] = None  # scoring processes; None: --num-workers (at most the CPUs - 1)
 
     def validate(self) -> None:
         super().validate()
@@ -238,7 +238,8 @@ def evaluate_checkpoint(opts: EvalOptions) -> dict:
              f" | first {opts.limit} images of each test set (--limit)" if opts.limit else "")
 
     results, counts = {}, {}
-    with MetricPool(opts.metric_workers) as pool:  # started by the first test set, ended here
+    workers = default_metric_workers(opts.num_workers) if opts.metric_workers is None else opts.metric_workers
+    with MetricPool(workers) as pool:  # started by the first test set, ended here
         for name, samples in index.tests.items():
             samples = samples[:opts.limit] if opts.limit else samples
             results[name] = evaluate_samples(model, samples, opts, cfg, device, dtype, f"test {name}", pool)

@@ -42,24 +42,24 @@ log = logging.getLogger(__name__)
 
 CHUNK = 2               # images per task: a batch is spread over the workers, one chunk is a short wait
 QUEUED_PER_WORKER = 8   # chunks sent and not yet answered, per worker, before ``add`` waits (host memory)
-MAX_DEFAULT_WORKERS = 4
 SIGNALS = {signal.SIGINT, signal.SIGTERM}
 _running: set = set()   # pools with live workers, closed at exit
 
 
-def default_metric_workers() -> int:
-    """``--metric-workers`` when not given: min(4, CPUs per local process - 1), 0 on one CPU.
+def default_metric_workers(num_workers: int) -> int:
+    """``--metric-workers`` when not given: ``--num-workers``, at most the CPUs per local process - 1.
 
-    During validation the training loader's workers are stopped (they are not persistent), so the
-    CPUs are free but for the main process (it drives the model and the validation loader), which
-    keeps one. The CPUs are those this process may run on, shared by the processes of a torchrun
-    node (``LOCAL_WORLD_SIZE``)."""
+    Validation runs while the training loader's workers are stopped (they are not persistent), so the
+    CPUs given to data loading are free to score; one CPU stays with the main process, which drives
+    the model and the validation loader. ``--num-workers 0`` keeps the scoring in the main process
+    too. The CPUs are those this process may run on, shared by the processes of a torchrun node
+    (``LOCAL_WORLD_SIZE``)."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cpus = os.cpu_count() or 1
     per_process = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(0, min(MAX_DEFAULT_WORKERS, per_process - 1))
+    return max(0, min(int(num_workers), per_process - 1))
 
 
 def _score_chunk(task_id, threshold: float, probs: list, paths: list) -> tuple:
@@ -113,11 +113,11 @@ def _raise(error: tuple) -> None:
 
 
 class MetricPool:
-    """``workers`` processes that score for the scorers ``scorer()`` hands out (None: the default,
-    ``default_metric_workers()``; 0: no process, ``scorer()`` gives an in-process ``Scorer``)."""
+    """``workers`` processes that score for the scorers ``scorer()`` hands out (0: no process,
+    ``scorer()`` gives an in-process ``Scorer``)."""
 
-    def __init__(self, workers: Optional[int] = None):
-        self.workers = default_metric_workers() if workers is None else int(workers)
+    def __init__(self, workers: int):
+        self.workers = int(workers)
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0 (got {workers})")
         self._procs: list = []

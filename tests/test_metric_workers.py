@@ -19,7 +19,7 @@ import torch
 import train_ultimate
 from data import make_demo_dataset
 from errors import UserError
-from evaluation.pool import CHUNK, MetricPool, PoolScorer
+from evaluation.pool import CHUNK, MetricPool, PoolScorer, default_metric_workers
 from evaluation.scorer import Scorer
 from losses import build_loss
 from models import build_model
@@ -157,6 +157,16 @@ def test_the_workers_exit_when_the_main_process_is_killed(tmp_path):
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert len(pids) == 2 and not left
+
+
+def test_the_default_is_num_workers_within_the_cpus(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert [default_metric_workers(n) for n in (0, 2, 7, 16)] == [0, 2, 7, 7]  # one CPU for the main process
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: 4 processes share the 8 CPUs
+    assert default_metric_workers(4) == 1
+    assert Config(num_workers=1).metric_workers_value == 1
+    assert Config(num_workers=1, metric_workers=0).metric_workers_value == 0
 
 
 def test_validate_in_two_workers_equals_the_main_process(demo, started):

@@ -16,6 +16,7 @@ from typing import Optional
 from data.discovery import DEFAULT_SEED
 from errors import UserError
 from evaluation.metrics import DEFAULT_THRESHOLD
+from evaluation.pool import default_metric_workers
 from models.spec import DEFAULT_IMG_SIZE, ModelSpec, check_img_size
 
 SCHEDULERS = ("onecycle", "cosine", "cosine_restart", "none")
@@ -59,7 +60,7 @@ class Config:
     include_noncam: bool = False
     aug: str = "moderate"
     num_workers: int = 4
-    metric_workers: Optional[int] = None  # None: evaluation.pool.default_metric_workers()
+    metric_workers: Optional[int] = None  # None: metric_workers_value's default
     skip_bad_files: bool = True
     limit_batches: Optional[int] = None
     # model
@@ -138,6 +139,11 @@ class Config:
     @property
     def stage2_batch_size_value(self) -> int:
         return self.batch_size if self.stage2_batch_size is None else self.stage2_batch_size
+
+    @property
+    def metric_workers_value(self) -> int:
+        """Scoring processes: --metric-workers, by default --num-workers (at most the CPUs - 1)."""
+        return default_metric_workers(self.num_workers) if self.metric_workers is None else self.metric_workers
 
     @property
     def stage2_epochs(self) -> int:

@@ -155,7 +155,7 @@ def build_run(cfg: Config, rt: Runtime) -> Run:
         log_model_summary(cfg, model, rt.device, forward_gflops(model, cfg.img_size, rt.device))
     state = RunState(model, build_optimizer(cfg, model), rt.scaler,
                      ModelEma(model, cfg.ema_decay) if cfg.ema else None, cfg.to_dict(), cfg.monitor)
-    return Run(cfg, rt, state, loss_fn, StopRequest(), pool=MetricPool(cfg.metric_workers),
+    return Run(cfg, rt, state, loss_fn, StopRequest(), pool=MetricPool(cfg.metric_workers_value),
                guard=DivergenceGuard(cfg.spike_factor) if cfg.divergence_guard else None)
 
 
