@@ -15,6 +15,9 @@ Per data set and ``--metric-workers`` value, three timings of one pass over the 
     scoring    the scorer alone (``MetricPool.scorer``) on fixed random probability maps at
                --img-size: the part the metric workers take off the main process
 
+Each gives img/s (wall clock) and the main process's CPU time per image (``time.process_time``:
+with workers, the scoring leaves it; the workers' own CPU time is not counted).
+
 The model is ``build_model(--backbone, pretrained=False)`` with the default heads. The data sets:
 the test sets under --dataset-path (Kvasir-SEG's ``TestDataset/Kvasir-val`` by default, when the
 folder exists), and --generated images written once to a temp folder: COD10K-sized JPEG images with
@@ -94,15 +97,16 @@ def datasets(args, tmp: str) -> dict:
     return {name: samples[:args.limit] if args.limit else samples for name, samples in sets.items()}
 
 
-def timed(fn) -> float:
-    """Seconds of ``fn()`` after one untimed call (CUDA synchronised before and after)."""
+def timed(fn) -> tuple[float, float]:
+    """Wall seconds and the main process's CPU seconds of ``fn()`` after one untimed call (CUDA
+    synchronised before and after)."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     fn()
     sync()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
     sync()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def measure(args, model, loss_fn, samples, pool: MetricPool, workers: int) -> dict:
@@ -130,9 +134,10 @@ def measure(args, model, loss_fn, samples, pool: MetricPool, workers: int) -> di
         "scoring": timed(score),
     }
     row = {"images": len(samples), "metric_workers": workers}
-    for name, s in seconds.items():
-        row[f"{name}_s"] = s
-        row[f"{name}_img_per_s"] = len(samples) / s
+    for name, (wall, cpu) in seconds.items():
+        row[f"{name}_s"] = wall
+        row[f"{name}_img_per_s"] = len(samples) / wall
+        row[f"{name}_main_cpu_ms_per_img"] = 1000 * cpu / len(samples)
     row["epoch_fraction"] = epoch_fraction(row["validate_img_per_s"], args.train_img_per_s)
     return row
 
@@ -172,11 +177,14 @@ def print_table(result: dict) -> None:
     print(f"{s['backbone']} | {s['img_size']} px | batch {s['batch_size']} | {s['num_workers']} loader workers | "
           f"{s['device']} ({s['device_name']}, {s['cpus']} CPUs, {s['threads']} threads) | amp {s['amp']} | "
           f"load average at the end {s['load_avg_end']:.2f}")
-    print("| data | images | metric workers | validate img/s | evaluate img/s | scoring img/s | epoch % |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| data | images | metric workers | validate img/s | evaluate img/s | scoring img/s | "
+          "main-process CPU ms/img: validate, evaluate, scoring | epoch % |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in result["rows"]:
+        cpu = ", ".join(f"{r[f'{k}_main_cpu_ms_per_img']:.0f}" for k in ("validate", "evaluate", "scoring"))
         print(f"| {r['dataset']} | {r['images']} | {r['metric_workers']} | {r['validate_img_per_s']:.1f} | "
-              f"{r['evaluate_img_per_s']:.1f} | {r['scoring_img_per_s']:.1f} | {100 * r['epoch_fraction']:.1f} |")
+              f"{r['evaluate_img_per_s']:.1f} | {r['scoring_img_per_s']:.1f} | {cpu} | "
+              f"{100 * r['epoch_fraction']:.1f} |")
     print(f"epoch %: validation's share of a COD10K epoch ({round(s['cod10k_train'] * (1 - s['held_out']))} "
           f"training images at an ASSUMED {s['train_img_per_s']:g} img/s, "
           f"{round(s['cod10k_train'] * s['held_out'])} validated at the row's validate img/s)")

@@ -83,7 +83,8 @@ def test_evaluate_bench_json_on_cpu():
     assert [(r["metric_workers"], r["dataset"]) for r in out["rows"]] == [(w, s) for w in (0, 2) for s in sets]
     for r in out["rows"]:
         assert r["images"] == 4 and 0 < r["epoch_fraction"] < 1
-        assert all(r[f"{k}_img_per_s"] > 0 and r[f"{k}_s"] > 0 for k in ("validate", "evaluate", "scoring"))
+        assert all(r[f"{k}_img_per_s"] > 0 and r[f"{k}_s"] > 0 and r[f"{k}_main_cpu_ms_per_img"] >= 0
+                   for k in ("validate", "evaluate", "scoring"))
     s = out["settings"]
     assert (s["backbone"], s["img_size"], s["metric_workers"], s["train_img_per_s"]) == \
         ("edgenext_xx_small", 64, [0, 2], 112.5)
