@@ -57,6 +57,9 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--include-noncam", action=argparse.BooleanOptionalAction, default=False,
                    help="COD10K-v3 layout: also score the NonCAM test images (empty masks); "
                         "by default only the CAM ones")
+    g.add_argument("--metric-workers", type=int, default=None,
+                   help="processes that score the images (the metrics at each mask's resolution) while the "
+                        "model runs; 0 = in the main process (default: --num-workers, at most CPUs - 1)")
 
 
 def add_predict_arguments(p: argparse.ArgumentParser) -> None:

@@ -6,7 +6,8 @@
 Each test image is resized to the model's square size (bilinear) and normalised exactly as in
 training, the model's probabilities (optionally averaged with those of the mirrored image, ``tta``
 'flip') are scored by ``Scorer`` against the mask at its *own* resolution, as
-validation does (``evaluation.scorer.Scorer``, the same code). One table, ``eval_results.csv`` and
+validation does (``evaluation.scorer.Scorer``, the same code), in ``metric_workers`` processes
+beside the model (``evaluation.pool``; 0: in this process). One table, ``eval_results.csv`` and
 ``eval_results.json`` come out.
 """
 
@@ -28,6 +29,7 @@ import data as cod_data
 from data.transforms import normalize, resize_pair
 from errors import UserError
 from evaluation.metrics import DEFAULT_THRESHOLD, METRIC_KEYS, format_table
+from evaluation.pool import MetricPool, default_metric_workers
 from evaluation.scorer import Scorer
 from models import DEFAULT_IMG_SIZE, ModelSpec, build_model, check_img_size
 from training import state as ckpt
@@ -76,11 +78,15 @@ class EvalOptions(InferenceOptions):
     out_dir: Optional[str] = None      # default: the checkpoint's folder
     limit: Optional[int] = None        # first N images of each test set
     include_noncam: bool = False       # COD10K: also score the NonCAM test images (empty masks)
+    metric_workers: Optional[int] = None  # scoring processes; None: --num-workers (at most the CPUs - 1)
 
     def validate(self) -> None:
         super().validate()
         if self.limit is not None and self.limit < 1:
             raise UserError(f"--limit must be >= 1 (got {self.limit})")
+        if self.metric_workers is not None and self.metric_workers < 0:
+            raise UserError(f"--metric-workers must be >= 0, 0 scores in the main process "
+                            f"(got {self.metric_workers})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,9 +213,10 @@ def iterate_probs(model, paths: Sequence[str], opts: InferenceOptions, img_size:
 # ---------------------------------------------------------------------------------------------
 
 def evaluate_samples(model, samples: Sequence[cod_data.Sample], opts: InferenceOptions, cfg: dict, device, dtype,
-                     desc: str = "eval") -> dict:
-    """``METRIC_KEYS`` of one test set, each image scored at its mask's own resolution."""
-    scorer = Scorer(threshold=cfg["threshold"])
+                     desc: str = "eval", pool: Optional[MetricPool] = None) -> dict:
+    """``METRIC_KEYS`` of one test set, each image scored at its mask's own resolution, by ``pool``'s
+    workers (None: in this process)."""
+    scorer = pool.scorer(cfg["threshold"]) if pool is not None else Scorer(threshold=cfg["threshold"])
     for i, prob, _ in iterate_probs(model, [s.image for s in samples], opts, cfg["img_size"], device, dtype, desc):
         scorer.add([prob], [samples[i].mask])
     return scorer.results()
@@ -231,10 +238,12 @@ def evaluate_checkpoint(opts: EvalOptions) -> dict:
              f" | first {opts.limit} images of each test set (--limit)" if opts.limit else "")
 
     results, counts = {}, {}
-    for name, samples in index.tests.items():
-        samples = samples[:opts.limit] if opts.limit else samples
-        results[name] = evaluate_samples(model, samples, opts, cfg, device, dtype, desc=f"test {name}")
-        counts[name] = len(samples)
+    workers = default_metric_workers(opts.num_workers) if opts.metric_workers is None else opts.metric_workers
+    with MetricPool(workers) as pool:  # started by the first test set, ended here
+        for name, samples in index.tests.items():
+            samples = samples[:opts.limit] if opts.limit else samples
+            results[name] = evaluate_samples(model, samples, opts, cfg, device, dtype, f"test {name}", pool)
+            counts[name] = len(samples)
     log.info("%s (%s weights%s, TTA %s):\n%s", opts.checkpoint, cfg["weights"],
              f", epoch {cfg['epoch']}" if cfg["epoch"] is not None else "", opts.tta, format_table(results))
 

@@ -111,3 +111,22 @@ def test_ablate_runs_a_tiny_grid_and_resumes(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0 and json.loads(proc.stdout)["summary"] == summary
     assert (out / "defaults" / "seed1" / "best_model.pth").stat().st_mtime == before
+
+def test_evaluate_bench_json_on_cpu():
+    """bench/evaluate.py: one row per data set and --metric-workers value (no time is asserted)."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "evaluate.py"), "--device", "cpu",
+                           "--backbone", "edgenext_xx_small", "--img-size", "64", "--generated", "4", "--limit", "4",
+                           "--metric-workers", "0", "2", "--num-workers", "0", "--batch-size", "3", "--json"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)  # the whole of stdout is one JSON object
+    sets = ["Kvasir-val", "generated 4"] if os.path.isdir(os.path.join(ROOT, "..", "shared", "data", "kvasir_seg")) \
+        else ["generated 4"]
+    assert [(r["metric_workers"], r["dataset"]) for r in out["rows"]] == [(w, s) for w in (0, 2) for s in sets]
+    for r in out["rows"]:
+        assert r["images"] == 4 and 0 < r["epoch_fraction"] < 1
+        assert all(r[f"{k}_img_per_s"] > 0 and r[f"{k}_s"] > 0 and r[f"{k}_main_cpu_ms_per_img"] >= 0
+                   for k in ("validate", "evaluate", "scoring"))
+    s = out["settings"]
+    assert (s["backbone"], s["img_size"], s["metric_workers"], s["train_img_per_s"]) == \
+        ("edgenext_xx_small", 64, [0, 2], 112.5)

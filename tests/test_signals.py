@@ -47,7 +47,8 @@ def step(*args, **kwargs):
         time.sleep(float(os.environ.get("SIGNAL_SLEEP", "4")))  # the test signals the group now
 
 loop.optimizer_step = step
-sys.exit(train_ultimate.main(sys.argv[1:]))
+if __name__ == "__main__":  # each metric worker imports this file too, as __mp_main__
+    sys.exit(train_ultimate.main(sys.argv[1:]))
 """
 
 
@@ -136,7 +137,7 @@ def test_a_second_ctrl_c_stops_at_once(setup):
 
 # 8 training images (2 batches, one update an epoch), 8 validation images and 6 test images in
 # batches of 4: validation reads masks 1-8 in epoch 1 and 9-16 in epoch 2, the test scoring 17-22
-IN_PROCESS = [*FLAGS, "--num-workers", "0", "--val-split", "0.5"]
+IN_PROCESS = [*FLAGS, "--num-workers", "0", "--metric-workers", "0", "--val-split", "0.5"]
 
 
 def signal_on_mask_read(monkeypatch, nth, sig=signal.SIGTERM):

@@ -17,6 +17,7 @@ from data.cache import DEFAULT_CACHE_DIR
 from data.discovery import DEFAULT_SEED
 from errors import UserError
 from evaluation.metrics import DEFAULT_THRESHOLD
+from evaluation.pool import default_metric_workers
 from models.spec import DEFAULT_IMG_SIZE, ModelSpec, check_img_size
 
 SCHEDULERS = ("onecycle", "cosine", "cosine_restart", "none")
@@ -60,6 +61,7 @@ class Config:
     include_noncam: bool = False
     aug: str = "moderate"
     num_workers: int = 4
+    metric_workers: Optional[int] = None  # None: metric_workers_value's default
     skip_bad_files: bool = True
     cache: bool = False
     cache_dir: Optional[str] = None  # None: DEFAULT_CACHE_DIR (~/.cache/cod_ultimate/arrays)
@@ -142,6 +144,11 @@ class Config:
         return self.batch_size if self.stage2_batch_size is None else self.stage2_batch_size
 
     @property
+    def metric_workers_value(self) -> int:
+        """Scoring processes: --metric-workers, by default --num-workers (at most the CPUs - 1)."""
+        return default_metric_workers(self.num_workers) if self.metric_workers is None else self.metric_workers
+
+    @property
     def stage2_epochs(self) -> int:
         return self.epochs - self.stage1_epochs
 
@@ -220,6 +227,8 @@ class Config:
             self._check_onecycle_floor()
         need(0.0 <= self.val_split < 1.0, f"--val-split must be in [0, 1) (got {self.val_split})")
         need(self.num_workers >= 0, f"--num-workers must be >= 0 (got {self.num_workers})")
+        need(self.metric_workers is None or self.metric_workers >= 0,
+             f"--metric-workers must be >= 0, 0 scores in the main process (got {self.metric_workers})")
         need(self.limit_batches is None or self.limit_batches >= 1,
              f"--limit-batches must be >= 1 (got {self.limit_batches})")
         need(0.0 <= self.label_smoothing < 1.0,

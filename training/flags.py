@@ -34,6 +34,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--aug", choices=AUG_PRESETS, default=d.aug, help="augmentation strength")
     g.add_argument("--num-workers", type=int, default=d.num_workers,
                    help="DataLoader workers (0 = main process), and threads of the start-up file check")
+    g.add_argument("--metric-workers", type=int, default=d.metric_workers,
+                   help="processes that score validation and the test split (the metrics at each mask's "
+                        "resolution) while the model runs; 0 = in the main process (default: --num-workers, at most "
+                        "CPUs - 1: validation runs while the training loader's workers are stopped)")
     _bool_flag(g, "--skip-bad-files", "every train/test image and mask is read before training: leave out "
                "unreadable ones and images without mask, named in the log (no: stop)", d.skip_bad_files)
     g.add_argument("--limit-batches", type=int, default=None,

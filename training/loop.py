@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 import schedulers
-from evaluation.scorer import Scorer
+from evaluation.pool import MetricPool
 from training.config import Config
 from training.control import StopRequest
 from training.guards import DivergenceGuard, RollbackNeeded, TrainingDiverged, lr_factor
@@ -37,6 +37,7 @@ class Run:
     guard: Optional[DivergenceGuard] = None  # --divergence-guard
     tb: Optional[object] = None              # --tensorboard: a TensorBoardLogger (main process)
     lr_steps: Optional[list] = None          # (epoch axis, LR) of every update of the plan, for curves.png
+    pool: Optional[MetricPool] = None        # --metric-workers: scores validation and the test split
 
     @property
     def net(self) -> torch.nn.Module:
@@ -157,13 +158,16 @@ def train_one_epoch(run: Run, loader, stage_plan, stage: Stage, epoch: int,
 
 @torch.no_grad()
 def validate(cfg: Config, rt: Runtime, model, loss_fn, loader, stop: Optional[StopRequest] = None,
-             desc: str = "val", fp32: bool = False) -> Optional[dict]:
+             desc: str = "val", fp32: bool = False, scorer=None) -> Optional[dict]:
     """Loss at the training size and the scorer's metrics at each ground truth's own resolution, over
     this process's shard of the images merged with the others'. None when a stop was requested (a
-    signal: save and exit quickly). ``fp32``: whatever the training precision (the reported
-    test-split numbers)."""
+    signal: save and exit quickly; chunks still being scored are left to ``MetricPool.close``).
+    ``fp32``: whatever the training precision (the reported test-split numbers). ``scorer``: the
+    run's (``run.pool.scorer``); without one, ``cfg.metric_workers_value`` processes start for this call."""
+    if scorer is None:
+        with MetricPool(cfg.metric_workers_value) as pool:
+            return validate(cfg, rt, model, loss_fn, loader, stop, desc, fp32, pool.scorer(cfg.threshold))
     model.eval()
-    scorer = Scorer(threshold=cfg.threshold)
     loss_sum, seen, stopped = 0.0, 0, False
     for batch in tqdm(loader, desc=desc, leave=False, disable=not (cfg.progress and rt.is_main),
                       dynamic_ncols=True, mininterval=1.0):

@@ -24,6 +24,7 @@ import torch
 
 import schedulers
 from evaluation import format_table, resolve_monitor
+from evaluation.pool import MetricPool
 from losses import build_loss
 from models import build_model
 from models.flops import forward_gflops
@@ -98,7 +99,7 @@ def _fit(cfg: Config, rt: Runtime, argv: Optional[list]) -> dict:
     if cfg.tensorboard and rt.is_main:
         run.tb = TensorBoardLogger(os.path.join(cfg.checkpoint_dir, "tensorboard"))
     budget = TimeBudget(cfg.time_limit_s)
-    with run.stop:
+    with run.stop, run.pool:  # the metric workers start in the first validation and end here
         outcome = "replan"
         while outcome == "replan":  # the plateau breaker restarts the schedule: plan again from there
             stages = plan_stages(cfg, restart_at=c.restart_at, peak_scale=c.peak_scale)
@@ -155,7 +156,7 @@ def build_run(cfg: Config, rt: Runtime) -> Run:
         log_model_summary(cfg, model, rt.device, forward_gflops(model, cfg.img_size, rt.device))
     state = RunState(model, build_optimizer(cfg, model), rt.scaler,
                      ModelEma(model, cfg.ema_decay) if cfg.ema else None, cfg.to_dict(), cfg.monitor)
-    return Run(cfg, rt, state, loss_fn, StopRequest(),
+    return Run(cfg, rt, state, loss_fn, StopRequest(), pool=MetricPool(cfg.metric_workers_value),
                guard=DivergenceGuard(cfg.spike_factor) if cfg.divergence_guard else None)
 
 
@@ -223,7 +224,8 @@ def validate_epoch(run: Run, val_loader) -> Optional[dict]:
     from the EMA weights when there are some."""
     if val_loader is None:
         return {}
-    return validate(run.cfg, run.rt, run.eval_model(), run.loss_fn, val_loader, stop=run.stop)
+    return validate(run.cfg, run.rt, run.eval_model(), run.loss_fn, val_loader, stop=run.stop,
+                    scorer=run.pool.scorer(run.cfg.threshold))
 
 
 def end_of_epoch(run: Run, stage: Stage, epoch: int, level: int, train_stats: dict, val_stats: dict,
@@ -324,7 +326,7 @@ def evaluate_test_sets(run: Run, index) -> dict:
     for name, samples in index.tests.items():
         loader = make_loader(cfg, rt, samples, cfg.stage2_batch_size_value, train=False, use_cache=False)
         results[name] = validate(cfg, rt, run.net, run.loss_fn, loader, stop=run.stop, desc=f"test {name}",
-                                 fp32=True)
+                                 fp32=True, scorer=run.pool.scorer(cfg.threshold))
         if results[name] is None:
             raise RunInterrupted(
                 f"stopped by {signal.Signals(run.stop.signum).name} while scoring the test split; training "
