@@ -1,5 +1,6 @@
 """bench/train_step.py runs on CPU with small settings and prints one JSON object (no time is asserted)."""
 
+import importlib.util
 import json
 import math
 import os
@@ -9,6 +10,18 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--device", "cpu", "--backbone", "edgenext_xx_small", "--img-size", "64", "--batch-size", "2",
          "--repeats", "3", "--warmup", "1", "--threads", "1", "--json"]
+
+
+def load_bench(name: str):
+    """bench/<name>.py as a module, without putting bench/ on sys.path: there bench/data.py would hide
+    the data package from every later import, DDP and worker processes included."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "bench", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
 ROWS = ["full stage 2", "MoE off", "stage 1", "bare backbone"]
 
 
@@ -54,8 +67,7 @@ def test_breakdown_step_updates_the_model_as_the_plain_step(monkeypatch):
 
     import torch
 
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    import train_step
+    train_step = load_bench("train_step")
 
     args = train_step.parse_args(["--device", "cpu", "--backbone", "edgenext_xx_small", "--img-size", "64",
                                   "--batch-size", "3", "--num-experts", "4", "--deep-supervision"])
@@ -71,8 +83,7 @@ def test_breakdown_step_updates_the_model_as_the_plain_step(monkeypatch):
 
 
 def test_ablate_verdict_uses_the_seed_spread():
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    import ablate
+    ablate = load_bench("ablate")
 
     def run(config, seed, dice, mae=0.1):
         metrics = {m: 0.5 for m in ablate.METRICS}
