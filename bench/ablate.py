@@ -8,8 +8,10 @@ Every config trains from scratch (``--no-pretrained``) with the same recipe (``R
 size, epochs, batch, LR plan) and differs from ``defaults`` (the tool's own defaults for the model,
 loss and augmentation) in one thing only. Each run is ``train`` into ``OUT/<config>/seed<k>/`` and
 ``evaluate`` of its ``best_model.pth`` on every test set of ``--data`` (Kvasir-val for Kvasir-SEG).
-A run whose ``result.json`` exists is not run again, so an interrupted study continues where it
-stopped. The study ends with ``table.md`` / ``results.json`` (mean and spread over seeds; a difference
+A run whose ``result.json`` exists is not run again, and one whose training finished
+(``train_seconds.txt``) is only evaluated, so an interrupted study continues where it stopped.
+Runs trained with ``--ema`` are evaluated with their EMA weights (``--use-ema``), the weights their
+validation chose the best epoch with. The study ends with ``table.md`` / ``results.json`` (mean and spread over seeds; a difference
 to ``defaults`` smaller than the larger of the two spreads is "no measured effect") and ``compare``
 over every run.
 
@@ -105,6 +107,15 @@ def train_command(a, name: str, seed: int, run_dir: str) -> list[str]:
             "--num-workers", str(a.num_workers), "--checkpoint-dir", run_dir, "--overwrite", *a.extra.split()]
 
 
+def evaluate_command(a, name: str, run_dir: str) -> list[str]:
+    """``evaluate`` of the run's best_model.pth; a run trained with --ema was validated (and its best
+    epoch chosen) with the EMA weights, so those are scored."""
+    ema = ["--use-ema"] if "--ema" in CONFIGS[name][0] else []
+    return [sys.executable, os.path.join(ROOT, "train_ultimate.py"), "evaluate", "--checkpoint",
+            os.path.join(run_dir, "best_model.pth"), "--dataset-path", a.data, "--device", a.device,
+            "--num-workers", str(a.num_workers), "--no-progress", *ema]
+
+
 def run_one(a, name: str, seed: int, threads: int) -> dict:
     run_dir = os.path.join(a.out, name, f"seed{seed}")
     result_path = os.path.join(run_dir, "result.json")
@@ -115,12 +126,16 @@ def run_one(a, name: str, seed: int, threads: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     log = os.path.join(run_dir, "study.log")
     train = train_command(a, name, seed, run_dir)
-    evaluate = [sys.executable, os.path.join(ROOT, "train_ultimate.py"), "evaluate", "--checkpoint",
-                os.path.join(run_dir, "best_model.pth"), "--dataset-path", a.data, "--device", a.device,
-                "--num-workers", str(a.num_workers), "--no-progress"]
+    evaluate = evaluate_command(a, name, run_dir)
     times = {}
+    trained = os.path.join(run_dir, "train_seconds.txt")  # written after a training that exited 0
+    if os.path.exists(trained):
+        with open(trained) as f:
+            times["train"] = float(f.read())
     with open(log, "a") as f:
         for what, cmd in (("train", train), ("evaluate", evaluate)):
+            if what in times:
+                continue
             f.write("$ " + " ".join(cmd) + "\n")
             f.flush()
             t0 = time.time()
@@ -129,6 +144,9 @@ def run_one(a, name: str, seed: int, threads: int) -> dict:
             if rc != 0:
                 print(f"{name} seed {seed}: {what} failed (exit {rc}); see {log}", file=sys.stderr)
                 return {}
+            if what == "train":
+                with open(trained, "w") as t:
+                    t.write(f"{times['train']:.1f}")
     with open(os.path.join(run_dir, "eval_results.json")) as f:
         report = json.load(f)
     result = {"config": name, "seed": seed, "flags": CONFIGS[name][0], "train_command": train,

@@ -101,6 +101,9 @@ def test_ablate_verdict_uses_the_seed_spread():
     assert ablate.verdict(summary["moe-off"], base) == "no measured effect"  # its own spread 0.05
     assert ablate.verdict(summary["ds-on"], base) == "loss"
     assert ablate.verdict(summary["ema-on"], base) == "one seed: no verdict"
+    args = ablate.parse_args(["--data", "demo"])
+    assert "--use-ema" in ablate.evaluate_command(args, "ema-on", "r")
+    assert "--use-ema" not in ablate.evaluate_command(args, "defaults", "r")
     text = ablate.table(summary)
     assert "| dice-2 | 1,2 |" in text and "+0.045" in text and "(base)" in text
 
