@@ -30,8 +30,6 @@ one JSON object is printed on stdout and nothing else.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
 import platform
 import resource
@@ -41,6 +39,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import emit  # noqa: E402
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
@@ -203,13 +203,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    if args.json:
-        with contextlib.redirect_stdout(sys.stderr):  # anything else printed goes to stderr
-            result = run(args)
-        print(json.dumps(result))
-    else:
-        print_table(run(args))
+    emit(parse_args(argv), run, print_table)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import statistics
@@ -45,6 +44,8 @@ import time
 from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import emit  # noqa: E402
 
 import timm  # noqa: E402
 import torch  # noqa: E402
@@ -379,13 +380,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    if args.json:
-        with contextlib.redirect_stdout(sys.stderr):  # anything else printed goes to stderr
-            result = run(args)
-        print(json.dumps(result))
-    else:
-        print_table(run(args))
+    emit(parse_args(argv), run, print_table)
 
 
 if __name__ == "__main__":
