@@ -66,8 +66,8 @@ phase_speed() {
 }
 
 phase_ablate() {
-  step ablate 560 $PY bench/ablate.py --data "$DATA" --out /tmp/ablate_gpu --device cuda --backbone edgenext_small \
-    --img-size 352 --epochs 30 --configs "${CONFIGS:-defaults,dice-2}" --seeds 1 2 --jobs 2 --num-workers 6 --no-compare
+  step ablate 540 $PY bench/ablate.py --data "$DATA" --out /tmp/ablate_gpu --device cuda --backbone edgenext_small \
+    --img-size 352 --epochs 30 --configs "${CONFIGS:-defaults,aug-none}" --seeds 1 2 --jobs 2 --num-workers 6 --no-compare
   cp /tmp/ablate_gpu/table.md /tmp/ablate_gpu/results.json "$W/" 2>/dev/null
 }
 
