@@ -171,7 +171,8 @@ def add_guard_arguments(p, d: "Config") -> None:
     g.add_argument("--max-rollbacks", type=int, default=d.max_rollbacks,
                    help="stop (keeping the last good checkpoint) after this many rollbacks")
     g.add_argument("--plateau-patience", type=int, default=None,
-                   help="stage 2: restart the schedule after N epochs without a better --monitor (off by default)")
+                   help="stage 2: restart the schedule after N epochs without a better --monitor (off by "
+                        "default; Kvasir study: +0.021 Dice, within the seed spread)")
     g.add_argument("--plateau-min-delta", type=float, default=d.plateau_min_delta,
                    help="an improvement smaller than this does not count as one")
     g.add_argument("--plateau-lr-factor", type=float, default=d.plateau_lr_factor,
