@@ -62,7 +62,9 @@ def fit(cfg: Config, argv: Optional[list] = None) -> dict:
             if rt.is_main and cfg.overwrite:
                 move_aside(cfg.checkpoint_dir)
             try:
-                return _fit(cfg, rt, argv)
+                result = _fit(cfg, rt, argv)
+                rt.barrier()  # no process tears the process group down while another still uses it
+                return result
             except TrainingDiverged as e:
                 kept = what_is_kept(cfg)
                 fix = "a lower --lr/--stage2-lr or more --warmup-epochs"
