@@ -11,9 +11,9 @@ loss and augmentation) in one thing only. Each run is ``train`` into ``OUT/<conf
 A run whose ``result.json`` exists is not run again, and one whose training finished
 (``train_seconds.txt``) is only evaluated, so an interrupted study continues where it stopped.
 Runs trained with ``--ema`` are evaluated with their EMA weights (``--use-ema``), the weights their
-validation chose the best epoch with. The study ends with ``table.md`` / ``results.json`` (mean and spread over seeds; a difference
-to ``defaults`` smaller than the larger of the two spreads is "no measured effect") and ``compare``
-over every run.
+validation chose the best epoch with. The study ends with ``table.md`` / ``results.json`` (mean and
+spread over seeds; a difference to ``defaults`` smaller than the larger of the two spreads is "no
+measured effect") and ``compare`` over every run.
 
 The two ``plateau-*`` configs use their own cheap recipe (``PLATEAU_RECIPE``, 128 px, 30 batches an
 epoch, 14 epochs): a run that flattens out, trained with and without the plateau breaker.

@@ -31,7 +31,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     _bool_flag(g, "--val-on-test", "validate on the test split instead of a held-out split "
                "(the test set then no longer measures generalisation)")
     _bool_flag(g, "--include-noncam", "COD10K: also train on the NonCAM images (empty masks)")
-    g.add_argument("--aug", choices=AUG_PRESETS, default=d.aug, help="augmentation strength (Kvasir study, docs/experiments.md: none -0.044 Dice "
+    g.add_argument("--aug", choices=AUG_PRESETS, default=d.aug,
+                   help="augmentation strength (Kvasir study, docs/experiments.md: none -0.044 Dice "
                         "vs moderate; light and strong no measured effect)")
     g.add_argument("--num-workers", type=int, default=d.num_workers,
                    help="DataLoader workers (0 = main process), and threads of the start-up file check")
@@ -54,18 +55,22 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="start the backbone from random weights (no download)")
     g.add_argument("--pretrained-path", default=None,
                    help="load backbone weights from a local .pth/.safetensors instead of the hub")
-    g.add_argument("--num-experts", type=int, default=d.num_experts, help="experts per decoder level (Kvasir study, docs/experiments.md: 4 beat 1 by +0.037 Dice; 7 no measured difference from 4)")
+    g.add_argument("--num-experts", type=int, default=d.num_experts,
+                   help="experts per decoder level (Kvasir study, docs/experiments.md: 4 beat 1 by "
+                        "+0.037 Dice; 7 no measured difference from 4)")
     g.add_argument("--moe-top-k", type=int, default=d.moe_top_k, help="experts used per sample")
     _bool_flag(g, "--deep-supervision", "add side outputs at three decoder scales to the loss (Kvasir "
                "study: no measured effect)")
     g.add_argument("--decoder-channels", type=int, default=d.decoder_channels)
-    g.add_argument("--drop-path", type=float, default=d.drop_path, help="backbone stochastic depth rate (Kvasir study: 0.1 vs 0, no measured effect)")
+    g.add_argument("--drop-path", type=float, default=d.drop_path,
+                   help="backbone stochastic depth rate (Kvasir study: 0.1 vs 0, no measured effect)")
     g.add_argument("--dropout", type=float, default=d.dropout, help="dropout before the heads")
 
     g = p.add_argument_group("loss")
     g.add_argument("--bce-weight", type=float, default=d.bce_weight, help="weighted BCE weight")
     g.add_argument("--iou-weight", type=float, default=d.iou_weight, help="weighted IoU weight")
-    g.add_argument("--dice-weight", type=float, default=d.dice_weight, help="Dice weight (Kvasir study: 0.5 and 2 vs 1, no measured effect)")
+    g.add_argument("--dice-weight", type=float, default=d.dice_weight,
+                   help="Dice weight (Kvasir study: 0.5 and 2 vs 1, no measured effect)")
     g.add_argument("--moe-aux-weight", type=float, default=d.moe_aux_weight,
                    help="weight of the experts' load-balancing loss")
     g.add_argument("--ds-weights", type=float, nargs=3, default=list(d.ds_weights),
