@@ -85,7 +85,7 @@ def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_exactly(root, straigh
     assert_same_run(straight, out)
 
 
-def test_plateau_breaking_resume_runs_a_fresh_schedule_from_the_resume_epoch(root, straight, tmp_path):
+def test_changed_schedule_flags_on_resume_run_a_fresh_schedule_from_the_resume_epoch(root, straight, tmp_path):
     out = str(tmp_path / "restart")
     new = [*FLAGS, "--epochs", "7", "--stage2-lr", "8e-4", "--min-lr", "2e-5", "--warmup-epochs", "1"]
     args = ["train", "--dataset-path", root, "--checkpoint-dir", out, *new,

@@ -242,7 +242,7 @@ class Config:
              f"--early-stop-patience must be >= 1 (got {self.early_stop_patience})")
         need(0.0 < self.threshold < 1.0, f"--threshold must be in (0, 1) (got {self.threshold})")
         need(self.spike_factor > 1.0, f"--spike-factor must be > 1 (got {self.spike_factor})")
-        need(0.0 < self.lr_backoff < 1.0, f"--lr-backoff must be in (0, 1), e.g. 0.7 (got {self.lr_backoff})")
+        need(0.0 < self.lr_backoff <= 1.0, f"--lr-backoff must be in (0, 1], e.g. 0.7 (got {self.lr_backoff})")
         need(self.max_rollbacks >= 0, f"--max-rollbacks must be >= 0 (got {self.max_rollbacks})")
         need(self.plateau_patience is None or self.plateau_patience >= 1,
              f"--plateau-patience must be >= 1 (got {self.plateau_patience})")

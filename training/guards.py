@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import statistics
 from collections import deque
 from typing import TYPE_CHECKING, Optional
@@ -27,7 +28,9 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from errors import UserError
+from evaluation.metrics import resolve_monitor
 from training.state import Counters
+from training.state import load as load_checkpoint
 
 if TYPE_CHECKING:
     from training.config import Config
@@ -35,7 +38,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("cod")
 
 ROLLBACK_WARMUP_STEPS = 20  # optimizer steps of linear warm-up after a rollback (fewer in short epochs)
-MIN_HISTORY = 10            # losses seen before a spike can be judged
+MIN_HISTORY = 10            # losses seen before a spike (> spike factor x median) is judged; before
+                            # that, only a blow-up (> spike factor ** 2 x median)
 
 
 class TrainingDiverged(UserError):
@@ -56,6 +60,17 @@ class DivergenceGuard:
     def reset(self) -> None:
         self.bad_in_row = 0
 
+    def state_dict(self) -> dict:
+        """The recent losses and the count of bad steps: saved in checkpoints, so a resumed run judges
+        spikes against the same window as the straight run."""
+        return {"losses": list(self.losses), "bad_in_row": self.bad_in_row}
+
+    def load_state_dict(self, state: Optional[dict]) -> None:
+        """Restore ``state_dict()``; None (a checkpoint written before it was saved) starts afresh."""
+        self.losses.clear()
+        self.losses.extend(float(v) for v in (state or {}).get("losses", []))
+        self.bad_in_row = int((state or {}).get("bad_in_row", 0))
+
     def after_step(self, loss: float, stepped: bool) -> Optional[str]:
         """Why the run must roll back now, or None. ``loss`` is the optimizer step's mean loss,
         ``stepped`` whether the optimizer applied the update (False for non-finite gradients)."""
@@ -65,11 +80,24 @@ class DivergenceGuard:
                 return f"{self.bad_in_row} optimizer steps in a row with a non-finite loss or gradient"
             return None
         self.bad_in_row = 0
-        if len(self.losses) >= MIN_HISTORY:
+        if self.losses:
             median = statistics.median(self.losses)
-            if loss > self.spike_factor * median:
-                return f"loss {loss:.4g} above {self.spike_factor:g} x the running median {median:.4g}"
+            # a spike is judged once MIN_HISTORY losses are known; before that, only a blow-up
+            factor = self.spike_factor if len(self.losses) >= MIN_HISTORY else self.spike_factor ** 2
+            if loss > factor * median:
+                return f"loss {loss:.4g} above {factor:g} x the running median {median:.4g}"
         self.losses.append(loss)
+        return None
+
+    def check_epoch(self, train_loss: float, history: list) -> Optional[str]:
+        """Why a finished epoch must roll back, or None: its mean training loss is above
+        ``spike_factor ** 2`` x the lowest epoch mean in ``history`` (the run's rows), a blow-up by
+        orders of magnitude that the step check can miss when the losses grew step by step."""
+        lowest = min((float(r["train_loss"]) for r in history if math.isfinite(float(r["train_loss"]))),
+                     default=None)
+        factor = self.spike_factor ** 2
+        if lowest is not None and train_loss > factor * lowest:
+            return f"epoch loss {train_loss:.4g} above {factor:g} x the lowest epoch loss {lowest:.4g}"
         return None
 
 
@@ -108,11 +136,24 @@ def rollback(run, good: dict, reason: str, epoch: int, steps_per_epoch: int) -> 
     run.state.load_state_dict(good, "<the last good state>", run.rt.rank, run.rt.world_size, quiet=True)
     c.rollbacks, c.events = done + 1, events
     c.lr_scale = scale * cfg.lr_backoff
-    c.warmup_from, c.warmup_steps = c.global_step, max(1, min(ROLLBACK_WARMUP_STEPS, steps_per_epoch))
+    if cfg.lr_backoff < 1:
+        c.warmup_from, c.warmup_steps = c.global_step, max(1, min(ROLLBACK_WARMUP_STEPS, steps_per_epoch))
     c.events.append({"epoch": epoch + 1, "kind": "rollback", "text": reason})
-    log.info("Divergence guard in epoch %d: %s: rolled back to the end of epoch %d; the LR is now x%.3g "
-             "of the schedule, after a %d-step warm-up (rollback %d of at most %d)", epoch + 1, reason,
-             c.epoch + 1, c.lr_scale, c.warmup_steps, c.rollbacks, cfg.max_rollbacks)
+    log.info("Divergence guard in epoch %d: %s: rolled back to %s; the LR is now x%.3g of the schedule%s "
+             "(rollback %d of at most %d)", epoch + 1, reason,
+             f"the end of epoch {c.epoch + 1}" if c.epoch >= 0 else "the initial weights", c.lr_scale,
+             f", after a {c.warmup_steps}-step warm-up" if cfg.lr_backoff < 1 else "", c.rollbacks,
+             cfg.max_rollbacks)
+
+
+def count_plateau(cfg: Config, c: Counters, stage_index: int, gain: float) -> None:
+    """After an epoch whose monitored value beat the best by ``gain`` (inf for the first, -inf for a
+    non-finite value): the plateau breaker's count of stage-2 epochs without a gain above
+    ``--plateau-min-delta``. Stage 1 never counts: the count starts with stage 2."""
+    if stage_index == 0:
+        c.plateau_bad = 0
+    else:
+        c.plateau_bad = 0 if gain > cfg.plateau_min_delta else c.plateau_bad + 1
 
 
 def plateau_reached(cfg: Config, c: Counters, epoch: int) -> bool:
@@ -127,9 +168,7 @@ def plateau_restart(run, epoch: int, best: Optional[dict]) -> None:
     cfg, c = run.cfg, run.counters
     source = "the current weights"
     if cfg.plateau_from == "best" and best is not None:
-        counters = copy.deepcopy(c)
-        run.state.load_state_dict(best, "best_model.pth", run.rt.rank, run.rt.world_size, quiet=True)
-        c.__dict__.update(counters.__dict__)  # only the weights (model, EMA, optimizer moments) go back
+        run.state.load_weights(best, "best_model.pth", quiet=True)  # the counters and the RNG go on
         source = f"the best weights (epoch {best['epoch'] + 1})"
     c.plateau_restarts += 1
     c.plateau_bad = 0
@@ -140,6 +179,40 @@ def plateau_restart(run, epoch: int, best: Optional[dict]) -> None:
     log.info("Plateau breaker: %s has not improved by %g for %d epochs: the schedule restarts at epoch "
              "%d with its peak x%.3g, from %s (restart %d of at most %d)", cfg.monitor, cfg.plateau_min_delta,
              cfg.plateau_patience, epoch + 2, c.peak_scale, source, c.plateau_restarts, cfg.plateau_max_restarts)
+
+
+def collapsed(checkpoint: dict) -> bool:
+    """Whether a checkpoint's epoch scored its monitored value far from the run's best: under half of
+    it (a higher-is-better ``--monitor``), above twice it (lower-is-better), or not finite."""
+    best, history = checkpoint.get("best") or {}, checkpoint.get("history") or []
+    if best.get("value") is None or not history:
+        return False
+    key, higher_is_better = resolve_monitor(best["metric"])
+    row = history[-1]
+    if f"val_{key}" in row:
+        value = float(row[f"val_{key}"])
+    else:  # no validation split: the training loss was monitored
+        value, higher_is_better = float(row["train_loss"]), False
+    if not math.isfinite(value):
+        return True
+    return value < 0.5 * best["value"] if higher_is_better else value > 2.0 * best["value"]
+
+
+def after_divergence(cfg: Config) -> str:
+    """What the folder keeps after a run stopped diverging, and where to resume: last.pth, unless its
+    epoch ``collapsed`` against the best; then best_model.pth."""
+    from training.folder import what_is_kept
+
+    fix = "a lower --lr/--stage2-lr or more --warmup-epochs"
+    kept = what_is_kept(cfg)
+    if not kept:
+        return f"no checkpoint was written to {cfg.checkpoint_dir}: start again with {fix}"
+    last = os.path.join(cfg.checkpoint_dir, "last.pth")
+    best = os.path.join(cfg.checkpoint_dir, "best_model.pth")
+    if os.path.isfile(last) and os.path.isfile(best) and collapsed(load_checkpoint(last)):
+        return (f"{kept}: last.pth scored far below the best, so resume from best_model.pth (--resume-from "
+                f"{best}) with {fix}")
+    return f"{kept}: resume from last.pth with {fix}"
 
 
 def check_finite_output(run, epoch: int) -> None:
@@ -167,7 +240,8 @@ def add_guard_arguments(p, d: "Config") -> None:
     g.add_argument("--spike-factor", type=float, default=d.spike_factor,
                    help="a step loss above this x the running median of recent losses rolls back")
     g.add_argument("--lr-backoff", type=float, default=d.lr_backoff,
-                   help="each rollback multiplies the LR by this from then on (after a short warm-up)")
+                   help="each rollback multiplies the LR by this from then on (after a short warm-up); 1: "
+                        "retry the epoch at the same LR, without warm-up")
     g.add_argument("--max-rollbacks", type=int, default=d.max_rollbacks,
                    help="stop (keeping the last good checkpoint) after this many rollbacks")
     g.add_argument("--plateau-patience", type=int, default=None,

@@ -34,7 +34,6 @@ class Run:
     loss_fn: torch.nn.Module
     stop: StopRequest
     model: Optional[torch.nn.Module] = None  # what the loop calls: rt.wrap(state.model)
-    guard: Optional[DivergenceGuard] = None  # --divergence-guard
     tb: Optional[object] = None              # --tensorboard: a TensorBoardLogger (main process)
     lr_steps: Optional[list] = None          # (epoch axis, LR) of every update of the plan, for curves.png
     pool: Optional[MetricPool] = None        # --metric-workers: scores validation and the test split
@@ -42,6 +41,15 @@ class Run:
     @property
     def net(self) -> torch.nn.Module:
         return self.state.model
+
+    @property
+    def guard(self) -> Optional[DivergenceGuard]:
+        """--divergence-guard (kept in the state: its loss window is saved in checkpoints)."""
+        return self.state.guard
+
+    @guard.setter
+    def guard(self, guard: Optional[DivergenceGuard]) -> None:
+        self.state.guard = guard
 
     @property
     def counters(self) -> Counters:
@@ -100,7 +108,8 @@ def train_one_epoch(run: Run, loader, stage_plan, stage: Stage, epoch: int,
     sums = {k: torch.tensor(v, device=rt.device) for k, v in partial["sums"].items()} if partial else {}
     usage = (torch.tensor(partial["usage"], device=rt.device)
              if partial and partial.get("usage") is not None else None)
-    head_lr = stage_plan.lr_at(k0 + max(done - 1, 0) // accum)
+    head_lr = (stage_plan.lr_at(k0 + max(done - 1, 0) // accum)  # the LR of the last update done
+               * lr_factor(run.counters, run.counters.global_step - 1))
 
     def progress(batches: int) -> dict:
         means = mean_over_processes(rt, {"sums": {k: float(v) for k, v in sums.items()},

@@ -5,7 +5,8 @@ and dicts (no pickled classes), so ``torch.load(weights_only=True)`` reads it:
 
     format_version, model, ema, optimizer, scaler, epoch (last completed, 0-based), stage,
     global_step, unfreeze_level, best {metric, value, epoch}, bad_epochs, history [rows], restart_at,
-    partial, rng {...}, rng_ranks [...], world_size, config {...}
+    partial, periodic_copies, guards {...}, divergence_guard {losses, bad_in_row}, rng {...},
+    rng_ranks [...], world_size, config {...}
 
 ``RunState.load_state_dict(obj)`` puts it back onto the run's device: resuming from a file and rolling
 back to a state kept in memory are the same call. ``save`` writes a temporary file in the same
@@ -243,6 +244,8 @@ class RunState:
     config: dict
     monitor: str
     counters: Counters = field(default_factory=Counters)
+    guard: Any = None  # training.guards.DivergenceGuard (its loss window) or None
+
 
     def state_dict(self, stage: int, unfreeze_level: int, rng_ranks: Optional[list] = None) -> dict:
         c = self.counters
@@ -263,6 +266,7 @@ class RunState:
             "partial": c.partial,
             "periodic_copies": list(c.periodic),
             "guards": {k: copy.deepcopy(getattr(c, k)) for k in Counters.GUARD_FIELDS},
+            "divergence_guard": self.guard.state_dict() if self.guard is not None else None,
             "rng": rng_state(),
             "rng_ranks": rng_ranks,
             "world_size": len(rng_ranks) if rng_ranks else 1,
@@ -271,11 +275,37 @@ class RunState:
 
     def load_state_dict(self, obj: dict, path: str = "<memory>", rank: int = 0, world_size: int = 1,
                         quiet: bool = False) -> None:
-        """Restore a full checkpoint (see ``is_full_checkpoint``) onto the run's device. Tensors come
-        back wherever the model, EMA and optimizer live, whichever device wrote them. ``quiet``: no
-        log lines (a rollback to a state kept in memory)."""
+        """Restore a full checkpoint (see ``is_full_checkpoint``) onto the run's device: the weights
+        and the progress. Tensors come back wherever the model, EMA and optimizer live, whichever
+        device wrote them. ``quiet``: no log lines (a rollback to a state kept in memory)."""
+        self.load_weights(obj, path, quiet)
+        self.load_progress(obj, path, rank, world_size, quiet)
+
+    def load_weights(self, obj: dict, path: str = "<memory>", quiet: bool = False) -> None:
+        """The model, EMA, optimizer moments and loss scale only (the plateau breaker's restart from
+        the best weights): the counters, the guard's window and the RNG go on."""
         info = (lambda *a: None) if quiet else log.info
         load_model_weights(self.model, model_state_of(obj), path)
+        try:
+            self.optimizer.load_state_dict(obj["optimizer"])  # moves the moments to the params' device
+        except (ValueError, KeyError):
+            info("Resume: the optimizer state does not fit this model: fresh optimizer moments")
+        if self.scaler is not None and obj.get("scaler"):
+            self.scaler.load_state_dict(obj["scaler"])
+        elif self.scaler is not None or obj.get("scaler"):
+            info("Resume: the checkpoint was trained %s fp16 loss scaling and this run %s: the loss "
+                     "scale starts afresh", "with" if obj.get("scaler") else "without",
+                     "uses it" if self.scaler is not None else "does not (CPU, bf16 or --amp off)")
+        if self.ema is not None:
+            if obj.get("ema"):
+                self.ema.load_state_dict(obj["ema"])
+            else:
+                self.ema.module.load_state_dict(unwrap(self.model).state_dict())
+
+    def load_progress(self, obj: dict, path: str = "<memory>", rank: int = 0, world_size: int = 1,
+                      quiet: bool = False) -> None:
+        """The counters, history, best record, guard state and RNG of a full checkpoint."""
+        info = (lambda *a: None) if quiet else log.info
         c = self.counters
         c.epoch, c.global_step = int(obj["epoch"]), int(obj["global_step"])
         c.history = [dict(r) for r in obj.get("history", []) if r["epoch"] <= c.epoch + 1]
@@ -297,20 +327,7 @@ class RunState:
         defaults = Counters()
         for k in Counters.GUARD_FIELDS:
             setattr(c, k, copy.deepcopy(obj.get("guards", {}).get(k, getattr(defaults, k))))
-        try:
-            self.optimizer.load_state_dict(obj["optimizer"])  # moves the moments to the params' device
-        except (ValueError, KeyError):
-            info("Resume: the optimizer state does not fit this model: fresh optimizer moments")
-        if self.scaler is not None and obj.get("scaler"):
-            self.scaler.load_state_dict(obj["scaler"])
-        elif self.scaler is not None or obj.get("scaler"):
-            info("Resume: the checkpoint was trained %s fp16 loss scaling and this run %s: the loss "
-                     "scale starts afresh", "with" if obj.get("scaler") else "without",
-                     "uses it" if self.scaler is not None else "does not (CPU, bf16 or --amp off)")
-        if self.ema is not None:
-            if obj.get("ema"):
-                self.ema.load_state_dict(obj["ema"])
-            else:
-                self.ema.module.load_state_dict(unwrap(self.model).state_dict())
+        if self.guard is not None:
+            self.guard.load_state_dict(obj.get("divergence_guard"))
         ranks = obj.get("rng_ranks")
         set_rng_state(ranks[rank] if ranks and len(ranks) == world_size else obj.get("rng"))

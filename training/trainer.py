@@ -32,9 +32,9 @@ from training import state as ckpt
 from training.config import Config
 from training.control import RunInterrupted, StopRequest, TimeBudget, continue_command
 from training.curves import draw_curves, lr_steps_from_plan
-from training.folder import FolderLock, check_folder, move_aside, save_periodic_copy, what_is_kept
-from training.guards import (DivergenceGuard, RollbackNeeded, check_finite_output, plateau_reached,
-                             plateau_restart, rollback, snapshot)
+from training.folder import FolderLock, check_folder, move_aside, save_periodic_copy
+from training.guards import (DivergenceGuard, RollbackNeeded, after_divergence, check_finite_output,
+                             count_plateau, plateau_reached, plateau_restart, rollback, snapshot)
 from training.ema import ModelEma
 from training.loop import Run, TrainingDiverged, train_one_epoch, validate  # noqa: F401 (re-exported)
 from training.resume import resume_run
@@ -66,11 +66,7 @@ def fit(cfg: Config, argv: Optional[list] = None) -> dict:
                 rt.barrier()  # no process tears the process group down while another still uses it
                 return result
             except TrainingDiverged as e:
-                kept = what_is_kept(cfg)
-                fix = "a lower --lr/--stage2-lr or more --warmup-epochs"
-                raise TrainingDiverged(f"{e}: stopped; " + (f"{kept}: resume from last.pth with {fix}" if kept
-                                       else f"no checkpoint was written to {cfg.checkpoint_dir}: start "
-                                            f"again with {fix}")) from None
+                raise TrainingDiverged(f"{e}: stopped; {after_divergence(cfg)}") from None
     finally:
         rt.close()
 
@@ -157,9 +153,9 @@ def build_run(cfg: Config, rt: Runtime) -> Run:
     if rt.is_main:
         log_model_summary(cfg, model, rt.device, forward_gflops(model, cfg.img_size, rt.device))
     state = RunState(model, build_optimizer(cfg, model), rt.scaler,
-                     ModelEma(model, cfg.ema_decay) if cfg.ema else None, cfg.to_dict(), cfg.monitor)
-    return Run(cfg, rt, state, loss_fn, StopRequest(), pool=MetricPool(cfg.metric_workers_value),
-               guard=DivergenceGuard(cfg.spike_factor) if cfg.divergence_guard else None)
+                     ModelEma(model, cfg.ema_decay) if cfg.ema else None, cfg.to_dict(), cfg.monitor,
+                     guard=DivergenceGuard(cfg.spike_factor) if cfg.divergence_guard else None)
+    return Run(cfg, rt, state, loss_fn, StopRequest(), pool=MetricPool(cfg.metric_workers_value))
 
 
 def run_stage(run: Run, stage: Stage, stage_plan, first_epoch: int, train_samples, val_samples,
@@ -189,6 +185,9 @@ def run_stage(run: Run, stage: Stage, stage_plan, first_epoch: int, train_sample
             partial, c.partial = c.partial, None
             try:
                 train_stats, progress = train_one_epoch(run, train_loader, stage_plan, stage, epoch, partial)
+                blow_up = run.guard and train_stats and run.guard.check_epoch(train_stats["train_loss"], c.history)
+                if blow_up:
+                    raise RollbackNeeded(blow_up)
                 val_stats = validate_epoch(run, val_loader) if train_stats and not run.stop.agree(rt) else None
                 if val_stats == {}:
                     check_finite_output(run, epoch)  # no validation would have noticed
@@ -204,20 +203,17 @@ def run_stage(run: Run, stage: Stage, stage_plan, first_epoch: int, train_sample
             raise interrupted(run, f"in epoch {epoch + 1} after {progress['batches']} batches"
                               if not train_stats else f"at the end of epoch {epoch + 1}, before its validation",
                               last_path, argv)
-        end_of_epoch(run, stage, epoch, level, train_stats, val_stats, time.time() - t0)
+        restarted = end_of_epoch(run, stage, epoch, level, train_stats, val_stats, time.time() - t0)
         budget.record(time.time() - t0)
         if run.guard is not None:
             good = snapshot(run.state.state_dict(stage.index + 1, level))
-        if plateau_reached(cfg, c, epoch):
-            best_path = os.path.join(cfg.checkpoint_dir, "best_model.pth")
-            rt.barrier()
-            plateau_restart(run, epoch, ckpt.load(best_path) if os.path.isfile(best_path) else None)
+        if run.stop.agree(rt):
+            raise interrupted(run, f"after epoch {epoch + 1}", last_path, argv)
+        if restarted:
             return "replan"
         if cfg.early_stop_patience and c.bad_epochs >= cfg.early_stop_patience:
             log.info("Early stop: %d epochs without a better %s", c.bad_epochs, cfg.monitor)
             return "early stop"
-        if run.stop.agree(rt):
-            raise interrupted(run, f"after epoch {epoch + 1}", last_path, argv)
     return "done"
 
 
@@ -231,9 +227,12 @@ def validate_epoch(run: Run, val_loader) -> Optional[dict]:
 
 
 def end_of_epoch(run: Run, stage: Stage, epoch: int, level: int, train_stats: dict, val_stats: dict,
-                 seconds: float) -> None:
-    """Log one line, update the best record, save last/best/periodic and metrics.csv."""
-    cfg, c = run.cfg, run.counters
+                 seconds: float) -> bool:
+    """Log one line, update the best record and the patience counts, save best_model.pth (this
+    epoch's weights), let the plateau breaker restart the schedule, then save last.pth (what the next
+    epoch starts from, so a stop now resumes the restart), the periodic copy and metrics.csv.
+    True when the plateau breaker restarted the schedule."""
+    cfg, c, rt = run.cfg, run.counters, run.rt
     monitor_key, higher_is_better = resolve_monitor(cfg.monitor)
     if not val_stats:  # no validation split: the training loss is what is monitored
         monitor_key, higher_is_better = "train_loss", False
@@ -243,8 +242,9 @@ def end_of_epoch(run: Run, stage: Stage, epoch: int, level: int, train_stats: di
     c.history.append(row)
     value = val_stats.get(monitor_key, train_stats["train_loss"])
     improved = is_improvement(value, c.best_value, higher_is_better)
-    gain = (value - c.best_value) * (1 if higher_is_better else -1) if c.best_value is not None else math.inf
-    c.plateau_bad = 0 if math.isfinite(value) and gain > cfg.plateau_min_delta else c.plateau_bad + 1
+    gain = (-math.inf if not math.isfinite(value) else math.inf if c.best_value is None
+            else (value - c.best_value) * (1 if higher_is_better else -1))
+    count_plateau(cfg, c, stage.index, gain)
     events = [e["kind"] for e in c.events if e["epoch"] == epoch + 1]
     if events:
         row["events"] = "+".join(events)
@@ -253,29 +253,40 @@ def end_of_epoch(run: Run, stage: Stage, epoch: int, level: int, train_stats: di
     else:
         c.bad_epochs += 1
     log.info("%s | %.0fs%s", format_epoch_line(row, cfg), seconds, "  * best" if improved else "")
-    full = save(run, stage, level, os.path.join(cfg.checkpoint_dir, "last.pth"))
-    if run.rt.is_main:
-        if improved:
-            ckpt.save(full, os.path.join(cfg.checkpoint_dir, "best_model.pth"))
+    full = checkpoint_state(run, stage, level)
+    best_path = os.path.join(cfg.checkpoint_dir, "best_model.pth")
+    if rt.is_main and improved:
+        ckpt.save(full, best_path)
+    restarted = plateau_reached(cfg, c, epoch)
+    if restarted:
+        rt.barrier()  # every process reads best_model.pth, which the main one wrote
+        plateau_restart(run, epoch, ckpt.load(best_path) if os.path.isfile(best_path) else None)
+        full = checkpoint_state(run, stage, level)
+    if rt.is_main:
+        ckpt.save(full, os.path.join(cfg.checkpoint_dir, "last.pth"))
         save_periodic_copy(run, full, epoch)
         write_metrics_csv(c.history, os.path.join(cfg.checkpoint_dir, "metrics.csv"))
         draw_curves(cfg.checkpoint_dir, c.history, lr_steps=run.lr_steps,  # an event before epoch e at e - 1
                     events=[{**e, "epoch": e["epoch"] - 1} for e in c.events])
         if run.tb is not None:
             run.tb.log_epoch(row)
+    return restarted
 
 
-def save(run: Run, stage: Stage, level: int, path: str) -> Optional[dict]:
-    """Write the run's state to ``path`` from the main process (every process takes part: the RNG
-    states of all of them go into the file). Returns the state on the main process."""
+def checkpoint_state(run: Run, stage: Stage, level: int) -> Optional[dict]:
+    """The run's state as a checkpoint dict on the main process (None on the others). Every process
+    takes part: the RNG states of all of them go into it. Non-finite weights are never saved."""
     rng_ranks = run.rt.gather(ckpt.rng_state()) if run.rt.world_size > 1 else None
     if not bool(torch.stack([torch.isfinite(p).all() for p in run.net.parameters()]).all()):
         raise TrainingDiverged("the weights became NaN or inf")  # never saved
-    if not run.rt.is_main:
-        return None
-    full = run.state.state_dict(stage.index + 1, level, rng_ranks)
-    ckpt.save(full, path)
-    return full
+    return run.state.state_dict(stage.index + 1, level, rng_ranks) if run.rt.is_main else None
+
+
+def save(run: Run, stage: Stage, level: int, path: str) -> None:
+    """Write the run's state to ``path`` from the main process (every process takes part)."""
+    full = checkpoint_state(run, stage, level)
+    if full is not None:
+        ckpt.save(full, path)
 
 
 def is_improvement(value: float, best: Optional[float], higher_is_better: bool) -> bool:
