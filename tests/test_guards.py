@@ -16,7 +16,7 @@ import train_ultimate
 from data import make_demo_dataset
 from training import state as ckpt
 from training import trainer
-from training.guards import DivergenceGuard
+from training.guards import DivergenceGuard, RollbackNeeded
 
 FLAGS = ["--backbone", "edgenext_xx_small", "--no-pretrained", "--img-size", "64", "--num-workers", "0",
          "--no-progress", "--num-experts", "2", "--batch-size", "2", "--limit-batches", "6", "--seed", "7",
@@ -97,11 +97,19 @@ def test_guard_rule_on_a_sequence():
     guard = DivergenceGuard(spike_factor=5.0)
     assert guard.after_step(2.0, True) is None and guard.after_step(40.0, True) is None  # 20x: no verdict
     assert "above 25 x the running median 2" in guard.after_step(1e4, True)
-    # an epoch whose mean loss is above 25 x the lowest epoch mean of the run
-    history = [{"train_loss": "2.0"}, {"train_loss": "1.0"}, {"train_loss": "nan"}]
-    assert guard.check_epoch(20.0, history) is None
-    assert "above 25 x the lowest epoch loss 1" in guard.check_epoch(30.0, history)
-    assert guard.check_epoch(1e9, []) is None
+    # an epoch whose mean training or validation loss is above 25 x the run's lowest: its first step
+    # loss (2.0 here, the untrained model's) or an earlier epoch's mean of the same kind
+    history = [{"train_loss": 1.5, "val_loss": 1.8}, {"train_loss": 1.0, "val_loss": 1.6},
+               {"train_loss": math.nan, "val_loss": math.nan}]
+    guard.check_epoch({"train_loss": 20.0}, {"loss": 40.0}, history)  # 20x, 25x: no verdict
+    with pytest.raises(RollbackNeeded, match="training loss 30 above 25 x the run's lowest loss 1$"):
+        guard.check_epoch({"train_loss": 30.0}, {"loss": 1.0}, history)
+    with pytest.raises(RollbackNeeded, match="validation loss 3e.10 above 25 x the run's lowest loss 1.6$"):
+        guard.check_epoch({"train_loss": 1.0}, {"loss": 3e10}, history)
+    with pytest.raises(RollbackNeeded, match="validation loss"):  # the first epoch: the first step's loss
+        guard.check_epoch({"train_loss": 1.0}, {"loss": 51.0}, [])
+    guard.check_epoch({"train_loss": 1.0}, {}, [])  # no validation split
+    assert DivergenceGuard(5.0).check_epoch({"train_loss": 1e9}, {"loss": 1e9}, []) is None  # nothing known
 
 
 def test_guard_window_round_trips_through_its_state():
@@ -110,9 +118,9 @@ def test_guard_window_round_trips_through_its_state():
         guard.after_step(v, True)
     again = DivergenceGuard(spike_factor=5.0)
     again.load_state_dict(guard.state_dict())
-    assert list(again.losses) == [1.0, 1.1, 0.9] and again.bad_in_row == 1
+    assert list(again.losses) == [1.0, 1.1, 0.9] and again.bad_in_row == 1 and again.first == 1.0
     again.load_state_dict(None)  # a checkpoint written before the window was saved
-    assert list(again.losses) == [] and again.bad_in_row == 0
+    assert list(again.losses) == [] and again.bad_in_row == 0 and again.first is None
 
 
 def test_planted_nan_rolls_back_to_exactly_the_fault_free_run(root, fault_free, tmp_path, monkeypatch,
@@ -200,14 +208,18 @@ def test_a_stop_before_validation_resumes_with_the_rollback_lr(root, tmp_path, m
     assert_same_run(straight, split)
 
 
-def test_a_blow_up_in_the_first_steps_is_never_saved(root, tmp_path, capsys):
-    """--lr 30: the loss grows by orders of magnitude in the first updates, before a spike can be
-    judged; the guard rolls back as for a NaN, and nothing of it is saved or advised."""
+@pytest.mark.parametrize("lr, batches, seen", [
+    ("30", "3", "above 25 x the running median"),  # the second update's loss
+    ("1e5", "1", "validation loss"),  # one update an epoch: only validation sees it (finite, 1e10)
+])
+def test_a_blow_up_in_the_first_steps_is_never_saved(root, tmp_path, capsys, lr, batches, seen):
+    """The loss grows by orders of magnitude in the first updates, before a spike can be judged:
+    the guard rolls back as for a NaN, and nothing of it is saved as best or last, or advised."""
     out = str(tmp_path / "blowup")
     rc = train_ultimate.main(run_args(root, out, "--epochs", "2", "--stage1-epochs", "1", "--scheduler", "none",
-                                      "--lr", "30", "--limit-batches", "3"))
+                                      "--lr", lr, "--limit-batches", batches))
     err = capsys.readouterr().err
-    assert rc == 2 and "above 25 x the running median" in err and "after 3 rollback(s)" in err
+    assert rc == 2 and seen in err and "after 3 rollback(s)" in err
     assert "no checkpoint was written" in err and "Traceback" not in err
     assert not any(f.endswith(".pth") for f in os.listdir(out))
 

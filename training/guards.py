@@ -56,20 +56,22 @@ class DivergenceGuard:
         self.max_bad_steps = max_bad_steps
         self.losses: deque = deque(maxlen=window)
         self.bad_in_row = 0
+        self.first: Optional[float] = None  # the run's first finite step loss: the untrained model's
 
     def reset(self) -> None:
         self.bad_in_row = 0
 
     def state_dict(self) -> dict:
-        """The recent losses and the count of bad steps: saved in checkpoints, so a resumed run judges
-        spikes against the same window as the straight run."""
-        return {"losses": list(self.losses), "bad_in_row": self.bad_in_row}
+        """The recent losses, the count of bad steps and the first loss: saved in checkpoints, so a
+        resumed run judges spikes against the same window as the straight run."""
+        return {"losses": list(self.losses), "bad_in_row": self.bad_in_row, "first": self.first}
 
     def load_state_dict(self, state: Optional[dict]) -> None:
         """Restore ``state_dict()``; None (a checkpoint written before it was saved) starts afresh."""
         self.losses.clear()
         self.losses.extend(float(v) for v in (state or {}).get("losses", []))
         self.bad_in_row = int((state or {}).get("bad_in_row", 0))
+        self.first = (state or {}).get("first")
 
     def after_step(self, loss: float, stepped: bool) -> Optional[str]:
         """Why the run must roll back now, or None. ``loss`` is the optimizer step's mean loss,
@@ -86,19 +88,22 @@ class DivergenceGuard:
             factor = self.spike_factor if len(self.losses) >= MIN_HISTORY else self.spike_factor ** 2
             if loss > factor * median:
                 return f"loss {loss:.4g} above {factor:g} x the running median {median:.4g}"
+        self.first = loss if self.first is None else self.first
         self.losses.append(loss)
         return None
 
-    def check_epoch(self, train_loss: float, history: list) -> Optional[str]:
-        """Why a finished epoch must roll back, or None: its mean training loss is above
-        ``spike_factor ** 2`` x the lowest epoch mean in ``history`` (the run's rows), a blow-up by
-        orders of magnitude that the step check can miss when the losses grew step by step."""
-        lowest = min((float(r["train_loss"]) for r in history if math.isfinite(float(r["train_loss"]))),
-                     default=None)
+    def check_epoch(self, train_stats: dict, val_stats: dict, history: list) -> None:
+        """Raise ``RollbackNeeded`` for a finished epoch that blew up by orders of magnitude, which the
+        step check can miss (losses that grew step by step, or a last update that only validation
+        sees): its mean training loss or its validation loss above ``spike_factor ** 2`` x the lowest
+        of the run's first step loss (the untrained model's) and the earlier epochs' (``history``)."""
         factor = self.spike_factor ** 2
-        if lowest is not None and train_loss > factor * lowest:
-            return f"epoch loss {train_loss:.4g} above {factor:g} x the lowest epoch loss {lowest:.4g}"
-        return None
+        for name, value, column in (("the epoch's training loss", train_stats["train_loss"], "train_loss"),
+                                    ("the validation loss", val_stats.get("loss"), "val_loss")):
+            past = [float(r[column]) for r in history if column in r and math.isfinite(float(r[column]))]
+            lowest = min(past + ([self.first] if self.first is not None else []), default=None)
+            if value is not None and lowest is not None and value > factor * lowest:
+                raise RollbackNeeded(f"{name} {value:.4g} above {factor:g} x the run's lowest loss {lowest:.4g}")
 
 
 def lr_factor(c: Counters, global_step: int) -> float:

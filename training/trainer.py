@@ -185,12 +185,11 @@ def run_stage(run: Run, stage: Stage, stage_plan, first_epoch: int, train_sample
             partial, c.partial = c.partial, None
             try:
                 train_stats, progress = train_one_epoch(run, train_loader, stage_plan, stage, epoch, partial)
-                blow_up = run.guard and train_stats and run.guard.check_epoch(train_stats["train_loss"], c.history)
-                if blow_up:
-                    raise RollbackNeeded(blow_up)
                 val_stats = validate_epoch(run, val_loader) if train_stats and not run.stop.agree(rt) else None
                 if val_stats == {}:
                     check_finite_output(run, epoch)  # no validation would have noticed
+                if run.guard is not None and val_stats is not None:
+                    run.guard.check_epoch(train_stats, val_stats, c.history)  # a blow-up rolls back
                 break
             except (RollbackNeeded, TrainingDiverged) as e:
                 if run.guard is None:
@@ -199,7 +198,9 @@ def run_stage(run: Run, stage: Stage, stage_plan, first_epoch: int, train_sample
                 run.guard.reset()
         if val_stats is None:  # a stop request: in the epoch, at its end, or in validation
             c.partial = progress
-            save(run, stage, level, last_path)
+            full = checkpoint_state(run, stage, level)  # every process takes part; the main one writes
+            if full is not None:
+                ckpt.save(full, last_path)
             raise interrupted(run, f"in epoch {epoch + 1} after {progress['batches']} batches"
                               if not train_stats else f"at the end of epoch {epoch + 1}, before its validation",
                               last_path, argv)
@@ -280,13 +281,6 @@ def checkpoint_state(run: Run, stage: Stage, level: int) -> Optional[dict]:
     if not bool(torch.stack([torch.isfinite(p).all() for p in run.net.parameters()]).all()):
         raise TrainingDiverged("the weights became NaN or inf")  # never saved
     return run.state.state_dict(stage.index + 1, level, rng_ranks) if run.rt.is_main else None
-
-
-def save(run: Run, stage: Stage, level: int, path: str) -> None:
-    """Write the run's state to ``path`` from the main process (every process takes part)."""
-    full = checkpoint_state(run, stage, level)
-    if full is not None:
-        ckpt.save(full, path)
 
 
 def is_improvement(value: float, best: Optional[float], higher_is_better: bool) -> bool:
