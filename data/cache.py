@@ -12,10 +12,14 @@ are bit-identical with and without the cache (the augmentation seeds do not depe
     cache.json  what was built: format version, size, count, bytes, seconds
 
 The folder is ``<cache_dir>/<key>``, the key a hash of the format version, OpenCV's version (its
-resize decides the pixels), the size and each sample's image and mask path, file size and
-modification time, in order: changing a file, the list of samples or ``img_size`` gives a new
-folder (old ones stay until deleted by hand). It is written on ``num_workers`` threads, as
-``data/scan.py`` reads (OpenCV releases the GIL while it decodes and resizes), into a temporary
+resize decides the pixels), the size and each sample's image and mask path, file size,
+modification time, inode and status-change time (``st_ctime_ns``), in order: changing a file, the
+list of samples or ``img_size`` gives a new folder (old ones stay until deleted by hand). The
+ctime is what notices a file replaced by one of the same size with its old mtime kept (``cp -p``,
+``rsync -a``, ``touch -r``, unpacking an archive): writing a file or setting its times sets the
+ctime to now, and nothing but the system clock sets it back. File contents are not hashed: that
+would read every file again each time a loader opens the cache. It is written on ``num_workers``
+threads, as ``data/scan.py`` reads (OpenCV releases the GIL while it decodes and resizes), into a temporary
 sibling folder that is renamed into place when complete: an interrupted build leaves no half cache.
 
 ``ArrayCache`` opens the arrays with ``np.load(mmap_mode="r")`` on first use, in each process:
@@ -85,7 +89,8 @@ def cache_bytes(count: int, img_size: int) -> int:
 
 
 def cache_key(samples: Sequence[Sample], img_size: int) -> str:
-    """The folder name: a hash of the format, the size and every file's path, size and mtime, in order."""
+    """The folder name: a hash of the format, the size and every file's path, size, mtime, inode and
+    ctime, in order."""
     h = hashlib.sha256(json.dumps([CACHE_VERSION, cv2.__version__, int(img_size)]).encode())
     for s in samples:
         h.update(json.dumps([_file_id(s.image), _file_id(s.mask)]).encode())
@@ -94,13 +99,13 @@ def cache_key(samples: Sequence[Sample], img_size: int) -> str:
 
 def _file_id(path: str | None) -> list:
     if not path:
-        return ["", 0, 0]
+        return ["", 0, 0, 0, 0]
     path = os.path.abspath(path)
     try:
         st = os.stat(path)
     except OSError:  # reading it fails later, with the reader's one-line message
-        return [path, -1, -1]
-    return [path, st.st_size, st.st_mtime_ns]
+        return [path, -1, -1, -1, -1]
+    return [path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
 
 
 def _mib(n: int) -> str:

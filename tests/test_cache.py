@@ -8,6 +8,7 @@ import logging
 import os
 import pickle
 import shutil
+import time
 
 import cv2
 import numpy as np
@@ -117,6 +118,34 @@ def test_reused_on_a_second_build_and_rebuilt_when_a_file_changes(samples, tmp_p
     changed = build_cache(samples, SIZE, root)
     assert changed.folder not in (first.folder, touched.folder) and len(_built(caplog)) == 4
     assert SegDataset(samples, SIZE, train=False, cache=changed)[0]["mask"].sum() == 0
+
+
+def test_a_same_size_replacement_with_its_old_mtime_is_rebuilt(tmp_path):
+    """A file overwritten by other content of the same size, its mtime set back as ``cp -p``,
+    ``rsync -a``, ``touch -r`` and archive extraction do: its ctime (set to now by the write and by
+    ``utime``) gives a new folder, whose arrays hold the new content."""
+    rng = np.random.default_rng(3)
+    d = tmp_path / "files"
+    bmp = [Sample(_write(d / f"{i}.bmp", rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)),
+                  _write(d / f"{i}_m.bmp", (rng.random((40, 48)) > 0.5).astype(np.uint8) * 255), str(i))
+           for i in range(3)]
+    root = str(tmp_path / "cache")
+    old = build_cache(bmp, SIZE, root)
+    target = bmp[1]
+    stats = {p: os.stat(p) for p in (target.image, target.mask)}
+    time.sleep(0.05)  # past the file system's timestamp granularity
+    _write(target.image, rng.integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    _write(target.mask, (rng.random((40, 48)) > 0.5).astype(np.uint8) * 255)
+    for path, st in stats.items():
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        now = os.stat(path)
+        assert (now.st_size, now.st_mtime_ns, now.st_ino) == (st.st_size, st.st_mtime_ns, st.st_ino), path
+    new = build_cache(bmp, SIZE, root)
+    assert new.folder != old.folder
+    image, mask, size = new.item(1)
+    expected = cache_mod.read_resized(target, SIZE)
+    assert np.array_equal(image, expected[0]) and np.array_equal(mask, expected[1]) and size == expected[2]
+    assert not np.array_equal(mask, old.item(1)[1])  # the old arrays were really stale
 
 
 def test_not_enough_space_is_one_line(samples, tmp_path, monkeypatch):
