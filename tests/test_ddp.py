@@ -1,7 +1,8 @@
 """Multi-process training through torch.distributed (gloo on the CPU), as torchrun runs it.
 
-- one optimizer step on 2 processes x 2 images (one image per micro-batch, accumulation 2, so DDP's
-  ``no_sync`` is used) equals one step on 1 process x 4 images, and leaves identical weights on both;
+- one optimizer step on 2 processes x 2 images (one image per micro-batch, accumulation 2) all-reduces
+  the gradients once, on the last micro-batch (DDP's ``no_sync`` before it, counted by a comm hook),
+  equals one step on 1 process x 4 images, and leaves identical weights on both;
 - validation over 2 processes (each its own shard) equals validation in 1;
 - ``torchrun --nproc_per_node 2 train_ultimate.py train ...`` runs both stages with progressive
   unfreeze, writes each epoch once, and its checkpoint resumes in a single process;
@@ -19,6 +20,8 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel
 
 from data import make_demo_dataset
 from tests.test_signals import DRIVER
@@ -65,16 +68,25 @@ def step_and_validate(rt: Runtime, root: str) -> dict:
     run.net.set_backbone_trainable(run.net.num_backbone_stages + 1)
     run.model = rt.wrap(run.net)
     run.model.train()
+    micro, synced = [0], []  # the micro-batch of each gradient bucket DDP all-reduces
+    if isinstance(run.model, DistributedDataParallel):
+        def counting_allreduce(state, bucket):
+            synced.append(micro[0])
+            return default_hooks.allreduce_hook(state, bucket)
+
+        run.model.register_comm_hook(None, counting_allreduce)
     gen = torch.Generator().manual_seed(1)
     images, masks = torch.randn(4, 3, 64, 64, generator=gen), (torch.rand(4, 1, 64, 64, generator=gen) > 0.5).float()
     mine = range(rt.rank * 4 // rt.world_size, (rt.rank + 1) * 4 // rt.world_size)
     for j, i in enumerate(mine):
+        micro[0] = j
         with rt.accumulating(run.model, sync=j == len(mine) - 1):
             loss, _ = run.loss_fn(run.model(images[i:i + 1]), masks[i:i + 1])
             rt.backward(loss / len(mine))
     grads = {n: p.grad.clone() for n, p in run.net.named_parameters() if p.grad is not None}
     loop.optimizer_step(run, torch.tensor(0.5))
-    return {"val": metrics, "grads": grads, "weights": {k: v.clone() for k, v in run.net.state_dict().items()}}
+    return {"val": metrics, "grads": grads, "weights": {k: v.clone() for k, v in run.net.state_dict().items()},
+            "synced": synced}
 
 
 def _rank_main(rank: int, world: int, port: int, root: str, out: str) -> None:
@@ -91,6 +103,8 @@ def test_two_processes_step_and_validate_like_one(root, tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     single = step_and_validate(Runtime("cpu", "off"), root)
 
+    for r in ranks:  # one gradient reduction for the step, on its last micro-batch (no_sync before it)
+        assert r["synced"] and set(r["synced"]) == {1}, r["synced"]
     for key, value in ranks[0]["weights"].items():  # DDP: the same update on every process
         assert torch.equal(value, ranks[1]["weights"][key]), key
     assert single["grads"].keys() == ranks[0]["grads"].keys()
