@@ -10,6 +10,7 @@
 """
 
 import csv
+import json
 import os
 import signal
 import socket
@@ -20,9 +21,11 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.utils.data import DistributedSampler
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
+import train_ultimate
 from data import make_demo_dataset
 from tests.test_signals import DRIVER
 from training import loop, state as ckpt, trainer
@@ -125,14 +128,65 @@ def rows(folder):
         return list(csv.DictReader(f))
 
 
-def test_torchrun_trains_both_stages_and_resumes_in_one_process(root, tmp_path):
-    out = str(tmp_path / "ddp")
-    args = ["train", "--dataset-path", root, "--checkpoint-dir", out, *TINY, "--epochs", "3",
-            "--stage1-epochs", "1", "--progressive-unfreeze", "--unfreeze-interval", "1", "--limit-batches", "3",
-            "--batch-size", "2", "--accumulation-steps", "2", "--ema",
-            "--cache", "--cache-dir", str(tmp_path / "arrays")]  # the main process builds, the other waits
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "train_ultimate.py", *args]
+ORDER_DRIVER = """
+import json, os, sys
+sys.path.insert(0, {repo!r})
+from torch.utils.data import DistributedSampler
+import train_ultimate
+
+real_iter = DistributedSampler.__iter__
+
+
+def recording_iter(self):  # each pass over the training images: this process's indices, one line a pass
+    indices = list(real_iter(self))
+    with open(os.path.join({out!r}, "order-rank" + os.environ["RANK"] + ".jsonl"), "a") as f:
+        f.write(json.dumps(indices) + "\\n")
+    return iter(indices)
+
+
+DistributedSampler.__iter__ = recording_iter
+if __name__ == "__main__":
+    sys.exit(train_ultimate.main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """8 training images and 2 validation images (--val-split 0.2): one optimizer step an epoch sees them all."""
+    return make_demo_dataset(str(tmp_path_factory.mktemp("ddp_small")), n_train=10, n_test=2, size=64, seed=5)
+
+
+def assert_same_metrics(ddp: list, one: list) -> None:
+    """metrics.csv of the 2-process run against the 1-process run. The schedule columns are equal.
+    Losses and expert usage (continuous in the weights) to 1e-4 relative: measured, they differ in
+    the 6th digit (summation order; metrics.csv keeps 6). The validation metrics to 2e-3: most sweep
+    256 thresholds, and a pixel whose probability moves across one by float noise (1 validation
+    image a process against 2 in one batch) moves them by a step: measured up to 3e-4 (val_fm_max)."""
+    assert len(ddp) == len(one) and [r.keys() for r in ddp] == [r.keys() for r in one]
+    for a, b in zip(ddp, one):
+        for key in a:
+            if key in ("epoch", "stage", "unfreeze_level", "lr"):
+                assert a[key] == b[key], (a["epoch"], key)
+            elif key.startswith("val_") and key != "val_loss":
+                assert float(a[key]) == pytest.approx(float(b[key]), abs=2e-3), (a["epoch"], key)
+            else:
+                assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-6), (a["epoch"], key)
+
+
+def test_torchrun_trains_like_one_process_and_resumes_in_one(small, tmp_path):
+    """2 processes x batch 2 x accumulation 2 against 1 process x batch 4 x accumulation 2: 8 images a
+    step, the whole training set, so both runs take each step over the same images, and the
+    gradient test says those steps agree. Augmentation off (each process draws its own) and no MoE
+    balance loss (it depends on which images share a batch)."""
+    common = ["train", "--dataset-path", small, *TINY, "--epochs", "3", "--stage1-epochs", "1", "--progressive-unfreeze",
+              "--unfreeze-interval", "1", "--val-split", "0.2", "--aug", "none", "--moe-aux-weight", "0",
+              "--scheduler", "cosine", "--lr", "1e-3", "--min-lr", "1e-5", "--accumulation-steps", "2", "--ema",
+              "--cache", "--cache-dir", str(tmp_path / "arrays")]  # the main process builds, the other waits
+    out, single = str(tmp_path / "ddp"), str(tmp_path / "single")
+    args = [*common, "--batch-size", "2", "--checkpoint-dir", out]
+    driver = tmp_path / "driver.py"
+    driver.write_text(ORDER_DRIVER.format(repo=REPO, out=str(tmp_path)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver), *args]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     text = proc.stdout + proc.stderr
@@ -143,10 +197,28 @@ def test_torchrun_trains_both_stages_and_resumes_in_one_process(root, tmp_path):
     got = rows(out)
     assert [r["epoch"] for r in got] == ["1", "2", "3"]
     assert [r["unfreeze_level"] for r in got] == ["0", "1", "2"]
+
+    # each epoch: one shuffled order of the 8 images, shared out between the processes as
+    # DistributedSampler does for that epoch (DataLoader.set_epoch), so it changes every epoch
+    passes = [[json.loads(line) for line in open(tmp_path / f"order-rank{r}.jsonl")] for r in range(2)]
+    assert len(passes[0]) == len(passes[1]) == 3
+    orders = []
+    for epoch, stage in enumerate([0, 1, 1]):
+        expected = []
+        for r in range(2):
+            sampler = DistributedSampler(range(8), 2, r, shuffle=True, seed=42 + stage, drop_last=True)
+            sampler.set_epoch(epoch)
+            expected.append(list(sampler))
+        assert [passes[0][epoch], passes[1][epoch]] == expected, epoch
+        orders.append([i for pair in zip(*expected) for i in pair])
+        assert sorted(orders[-1]) == list(range(8))  # both processes' shares: every image once
+    assert orders[1] != orders[2]  # one stage, one loader: only set_epoch tells the epochs apart
+
+    assert train_ultimate.main([*common, "--batch-size", "4", "--checkpoint-dir", single]) == 0
+    assert_same_metrics(got, rows(single))
     saved = ckpt.load(os.path.join(out, "last.pth"))
     assert saved["world_size"] == 2 and len(saved["rng_ranks"]) == 2
     # the same checkpoint goes on in one process
-    import train_ultimate
     assert train_ultimate.main([*args, "--epochs", "4", "--resume-from", os.path.join(out, "last.pth"),
                                 "--resume-schedule", "continue"]) == 0
     got = rows(out)
