@@ -5,7 +5,9 @@
   equals one step on 1 process x 4 images, and leaves identical weights on both;
 - validation over 2 processes (each its own shard) equals validation in 1;
 - ``torchrun --nproc_per_node 2 train_ultimate.py train ...`` runs both stages with progressive
-  unfreeze, writes each epoch once, and its checkpoint resumes in a single process;
+  unfreeze, shuffles each epoch anew (``set_epoch``) into one order shared out between the
+  processes, writes each epoch once, the same ``metrics.csv`` as 1 process with twice the batch,
+  and its checkpoint resumes in a single process;
 - SIGTERM to one process stops both at the same step, with one ``last.pth``.
 """
 
