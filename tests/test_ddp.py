@@ -8,12 +8,14 @@
   unfreeze, shuffles each epoch anew (``set_epoch``) into one order shared out between the
   processes, writes each epoch once, the same ``metrics.csv`` as 1 process with twice the batch,
   and its checkpoint resumes in a single process;
-- SIGTERM to one process stops both at the same step, with one ``last.pth``.
+- SIGTERM to one process stops both at the same step, with one ``last.pth``; SIGTERM to torchrun
+  prints one line to go on, a torchrun command.
 """
 
 import csv
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -252,7 +254,43 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(root, tmp_path):
     texts = [o + e for o, e in results]
     assert [p.returncode for p in procs] == [143, 143], texts
     assert all("Traceback" not in t for t in texts), texts
+    go_on = [line for t in texts for line in t.splitlines() if "Go on with" in line]  # rank 0 says it
+    assert len(go_on) == 1 and "Go on with: python train_ultimate.py train " in texts[0], texts
+    assert_stopped_after_update_1(out)
+
+
+def assert_stopped_after_update_1(out: str) -> None:
     saved = ckpt.load(os.path.join(out, "last.pth"))
     assert saved["partial"] == {**saved["partial"], "epoch": 0, "batches": 1}  # both after update 1
     assert saved["global_step"] == 1
     assert [f for f in os.listdir(out) if f.endswith(".pth")] == ["last.pth"]
+
+
+def test_sigterm_to_torchrun_says_once_how_to_go_on_with_torchrun(small, tmp_path):
+    """SIGTERM to torchrun's process group (``timeout``, Ctrl-C, ``docker stop``): the workers save
+    last.pth and rank 0 prints one line to go on, a torchrun command. torchrun itself (its agent
+    forwards the signal, waits for the workers, then raises its SignalException) exits 1 with its
+    own traceback, as docs/multi-gpu.md says."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.format(repo=REPO))
+    out, marker = str(tmp_path / "killed"), str(tmp_path / "marker")
+    args = ["train", "--dataset-path", small, "--checkpoint-dir", out, *TINY, "--epochs", "2", "--stage1-epochs",
+            "1", "--limit-batches", "2", "--batch-size", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "SIGNAL_MARKER": marker}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver), *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    t0 = time.time()
+    while not os.path.exists(marker):  # both processes wait in their first update
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < 120
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    text = "".join(proc.communicate(timeout=120))
+    go_on = [line for line in text.splitlines() if "Go on with" in line]
+    assert len(go_on) == 1, text
+    command = go_on[0].split("Go on with: ", 1)[1]
+    assert shlex.split(command) == ["torchrun", "--standalone", "--nproc_per_node", "2", "train_ultimate.py", *args,
+                                    "--resume-from", os.path.join(out, "last.pth")]
+    assert_stopped_after_update_1(out)
+    assert proc.returncode == 1 and text.rstrip().endswith(f"SignalException: Process {proc.pid} got signal: 15")
