@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from deps import check_dependencies
@@ -106,7 +107,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RunInterrupted as e:
-        print(f"interrupted: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process stops: one says so
+            print(f"interrupted: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         hint = ": last.pth holds the last completed epoch" if argv[:1] == ["train"] else ""

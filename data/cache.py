@@ -12,11 +12,17 @@ are bit-identical with and without the cache (the augmentation seeds do not depe
     cache.json  what was built: format version, size, count, bytes, seconds
 
 The folder is ``<cache_dir>/<key>``, the key a hash of the format version, OpenCV's version (its
-resize decides the pixels), the size and each sample's image and mask path, file size and
-modification time, in order: changing a file, the list of samples or ``img_size`` gives a new
-folder (old ones stay until deleted by hand). It is written on ``num_workers`` threads, as
-``data/scan.py`` reads (OpenCV releases the GIL while it decodes and resizes), into a temporary
+resize decides the pixels), the size and each sample's image and mask path, file size,
+modification time, inode and status-change time (``st_ctime_ns``), in order: changing a file, the
+list of samples or ``img_size`` gives a new folder (old ones stay until deleted by hand). The
+ctime is what notices a file replaced by one of the same size with its old mtime kept (``cp -p``,
+``rsync -a``, ``touch -r``, unpacking an archive): writing a file or setting its times sets the
+ctime to now, and nothing but the system clock sets it back. File contents are not hashed: that
+would read every file again each time a loader opens the cache. It is written on ``num_workers``
+threads, as ``data/scan.py`` reads (OpenCV releases the GIL while it decodes and resizes), into a temporary
 sibling folder that is renamed into place when complete: an interrupted build leaves no half cache.
+Before a folder is reused, each array's shape and dtype are checked against its file: a folder
+damaged since (a truncated or missing ``.npy``) is deleted and built again, with one log line.
 
 ``ArrayCache`` opens the arrays with ``np.load(mmap_mode="r")`` on first use, in each process:
 DataLoader workers share the operating system's page cache, and pickling the dataset for a worker
@@ -85,7 +91,8 @@ def cache_bytes(count: int, img_size: int) -> int:
 
 
 def cache_key(samples: Sequence[Sample], img_size: int) -> str:
-    """The folder name: a hash of the format, the size and every file's path, size and mtime, in order."""
+    """The folder name: a hash of the format, the size and every file's path, size, mtime, inode and
+    ctime, in order."""
     h = hashlib.sha256(json.dumps([CACHE_VERSION, cv2.__version__, int(img_size)]).encode())
     for s in samples:
         h.update(json.dumps([_file_id(s.image), _file_id(s.mask)]).encode())
@@ -94,13 +101,13 @@ def cache_key(samples: Sequence[Sample], img_size: int) -> str:
 
 def _file_id(path: str | None) -> list:
     if not path:
-        return ["", 0, 0]
+        return ["", 0, 0, 0, 0]
     path = os.path.abspath(path)
     try:
         st = os.stat(path)
     except OSError:  # reading it fails later, with the reader's one-line message
-        return [path, -1, -1]
-    return [path, st.st_size, st.st_mtime_ns]
+        return [path, -1, -1, -1, -1]
+    return [path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
 
 
 def _mib(n: int) -> str:
@@ -117,9 +124,25 @@ def _read_meta(folder: str) -> dict | None:
 
 
 def _is_complete(folder: str, count: int, img_size: int) -> bool:
+    return _damage(folder, count, img_size) is None
+
+
+def _damage(folder: str, count: int, img_size: int) -> str | None:
+    """None when ``folder`` holds the whole cache of ``count`` samples at ``img_size``, else what is
+    missing or wrong: cache.json, or an array whose file does not hold its shape and dtype."""
     meta = _read_meta(folder)
-    return bool(meta) and (meta.get("version"), meta.get("count"), meta.get("img_size")) == \
-        (CACHE_VERSION, count, img_size)
+    if not meta or (meta.get("version"), meta.get("count"), meta.get("img_size")) != (CACHE_VERSION, count, img_size):
+        return f"{_META} missing or of another cache"
+    s = img_size
+    for name, shape, dtype in (("images", (count, s, s, 3), np.uint8), ("masks", (count, s, s), np.uint8),
+                               ("sizes", (count, 2), np.int64)):
+        try:
+            array = np.load(os.path.join(folder, f"{name}.npy"), mmap_mode="r")
+        except (OSError, ValueError, EOFError) as e:  # missing, truncated ("mmap length is greater..."), no header
+            return f"{name}.npy: {getattr(e, 'strerror', None) or e}"
+        if array.shape != shape or array.dtype != dtype:
+            return f"{name}.npy holds {array.dtype} {array.shape}, not {np.dtype(dtype)} {shape}"
+    return None
 
 
 def _root(cache_dir: str | None) -> str:
@@ -164,10 +187,14 @@ def build_cache(samples: Sequence[Sample], img_size: int, cache_dir: str | None 
         raise ValueError(f"build_cache needs samples and num_workers >= 0 (got {len(samples)}, {num_workers})")
     root = _root(cache_dir)
     folder = os.path.join(root, cache_key(samples, img_size))
-    if _is_complete(folder, len(samples), img_size):
+    damage = _damage(folder, len(samples), img_size)
+    if damage is None:
         log.info("Cache: reused %s (%d images of %d px, %s)", folder, len(samples), img_size,
                  _mib(_read_meta(folder)["bytes"]))
         return ArrayCache(folder, img_size, len(samples))
+    if os.path.isdir(folder):  # a complete folder is renamed into place: this one was damaged since
+        log.warning("Cache: %s is damaged (%s); rebuilding it", folder, damage)
+        shutil.rmtree(folder, ignore_errors=True)
     _make_root(root)
     need = cache_bytes(len(samples), img_size)
     check_free_space(root, need)

@@ -8,6 +8,7 @@ import logging
 import os
 import pickle
 import shutil
+import time
 
 import cv2
 import numpy as np
@@ -119,6 +120,64 @@ def test_reused_on_a_second_build_and_rebuilt_when_a_file_changes(samples, tmp_p
     assert SegDataset(samples, SIZE, train=False, cache=changed)[0]["mask"].sum() == 0
 
 
+def test_a_same_size_replacement_with_its_old_mtime_is_rebuilt(tmp_path):
+    """A file overwritten by other content of the same size, its mtime set back as ``cp -p``,
+    ``rsync -a``, ``touch -r`` and archive extraction do: its ctime (set to now by the write and by
+    ``utime``) gives a new folder, whose arrays hold the new content."""
+    rng = np.random.default_rng(3)
+    d = tmp_path / "files"
+    bmp = [Sample(_write(d / f"{i}.bmp", rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)),
+                  _write(d / f"{i}_m.bmp", (rng.random((40, 48)) > 0.5).astype(np.uint8) * 255), str(i))
+           for i in range(3)]
+    root = str(tmp_path / "cache")
+    old = build_cache(bmp, SIZE, root)
+    target = bmp[1]
+    stats = {p: os.stat(p) for p in (target.image, target.mask)}
+    time.sleep(0.05)  # past the file system's timestamp granularity
+    _write(target.image, rng.integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    _write(target.mask, (rng.random((40, 48)) > 0.5).astype(np.uint8) * 255)
+    for path, st in stats.items():
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        now = os.stat(path)
+        assert (now.st_size, now.st_mtime_ns, now.st_ino) == (st.st_size, st.st_mtime_ns, st.st_ino), path
+    new = build_cache(bmp, SIZE, root)
+    assert new.folder != old.folder
+    image, mask, size = new.item(1)
+    expected = cache_mod.read_resized(target, SIZE)
+    assert np.array_equal(image, expected[0]) and np.array_equal(mask, expected[1]) and size == expected[2]
+    assert not np.array_equal(mask, old.item(1)[1])  # the old arrays were really stale
+
+
+def _truncate_images(folder):
+    path = os.path.join(folder, "images.npy")
+    os.truncate(path, os.path.getsize(path) // 2)
+
+
+def _remove_masks(folder):
+    os.remove(os.path.join(folder, "masks.npy"))
+
+
+def _damaged(caplog):
+    return [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+
+
+@pytest.mark.parametrize("damage", [_truncate_images, _remove_masks])
+def test_a_damaged_folder_is_rebuilt(samples, tmp_path, caplog, damage):
+    """cache.json says complete, an array does not: built again in the same folder, one line naming it."""
+    caplog.set_level(logging.INFO, logger="data.cache")
+    root = str(tmp_path / "cache")
+    folder = build_cache(samples, SIZE, root).folder
+    damage(folder)
+    rebuilt = build_cache(samples, SIZE, root)
+    assert rebuilt.folder == folder and len(_built(caplog)) == 2
+    assert len(_damaged(caplog)) == 1 and _damaged(caplog)[0].startswith(f"Cache: {folder} is damaged (")
+    for i, sample in enumerate(samples):
+        image, mask, size = rebuilt.item(i)
+        expected = cache_mod.read_resized(sample, SIZE)
+        assert np.array_equal(image, expected[0]) and np.array_equal(mask, expected[1]) and size == expected[2]
+    assert build_cache(samples, SIZE, root).folder == folder and len(_built(caplog)) == 2  # reused now
+
+
 def test_not_enough_space_is_one_line(samples, tmp_path, monkeypatch):
     root = str(tmp_path / "cache")
     usage = shutil.disk_usage(str(tmp_path))
@@ -212,3 +271,29 @@ def test_not_enough_space_stops_train_at_start_up(tmp_path, monkeypatch, capsys)
     assert os.listdir(cache_dir) == [] and not os.path.exists(tmp_path / "ck" / "config.json")
     monkeypatch.undo()
     assert train_ultimate.main(args) == 0
+
+
+def test_train_rebuilds_a_truncated_cache(tmp_path, capsys, caplog):
+    """The probe's case: images.npy cut short after a run; the next run with --cache says so in one
+    line, builds the folder again and trains to the same metrics, with nothing on stderr."""
+    caplog.set_level(logging.INFO)  # pytest's root logger: INFO lines reach train.log as on the command line
+    demo = make_demo_dataset(str(tmp_path / "demo"), n_train=12, n_test=2, size=64, seed=1)
+    cache_dir = str(tmp_path / "arrays")
+    args = ["train", "--dataset-path", demo, "--backbone", "edgenext_xx_small", "--no-pretrained",
+            "--img-size", "64", "--epochs", "1", "--stage1-epochs", "0", "--limit-batches", "1",
+            "--num-workers", "0", "--device", "cpu", "--no-progress", "--cache", "--cache-dir", cache_dir]
+    runs = [str(tmp_path / "first"), str(tmp_path / "second")]
+    assert train_ultimate.main([*args, "--checkpoint-dir", runs[0]]) == 0
+    train = max((os.path.join(cache_dir, d) for d in os.listdir(cache_dir)),
+                key=lambda d: os.path.getsize(os.path.join(d, "images.npy")))  # 11 training images, 1 validation
+    _truncate_images(train)
+    capsys.readouterr()
+    assert train_ultimate.main([*args, "--checkpoint-dir", runs[1]]) == 0
+    assert capsys.readouterr().err == ""
+    log = open(os.path.join(runs[1], "train.log")).read()
+    damaged = [line for line in log.splitlines() if "is damaged" in line]
+    assert len(damaged) == 1 and damaged[0].endswith(
+        f" Cache: {train} is damaged (images.npy: mmap length is greater than file size); rebuilding it"), damaged
+    assert len(os.listdir(cache_dir)) == 2 and sum("Cache: built" in line for line in log.splitlines()) == 1
+    first, second = ([row for row in csv.DictReader(open(os.path.join(r, "metrics.csv")))] for r in runs)
+    assert second == first

@@ -6,6 +6,7 @@ In every case the run saves a resumable ``last.pth`` first, and says how to go o
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import signal
 import time
@@ -83,11 +84,25 @@ class TimeBudget:
         return time.time() - self.start + 1.1 * self.longest <= self.limit_s
 
 
+def launcher() -> str:
+    """What starts ``train_ultimate.py`` again as this process was started: ``python``, or under
+    torchrun (its agent sets ``TORCHELASTIC_RUN_ID`` in each worker's environment) a torchrun with as
+    many processes. Its own flags are not passed to the workers: one node is written
+    ``--standalone``, which runs the same job; several nodes need the user's rendezvous flags."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return "python"
+    nproc = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
+    if nodes == 1:
+        return f"torchrun --standalone --nproc_per_node {nproc}"
+    return f"torchrun --nnodes {nodes} --nproc_per_node {nproc} <your rendezvous flags, on each node>"
+
+
 def continue_command(argv: Optional[list], last_path: str) -> str:
-    """The command that goes on from ``last_path``: the same arguments with ``--resume-from``
-    pointing at it (any earlier ``--resume-from`` replaced)."""
+    """The command that goes on from ``last_path``: the same launcher (``launcher``) and arguments
+    with ``--resume-from`` pointing at it (any earlier ``--resume-from`` replaced)."""
     if not argv:
-        return f"python train_ultimate.py train <same flags> --resume-from {last_path}"
+        return f"{launcher()} train_ultimate.py train <same flags> --resume-from {last_path}"
     args, skip = [], False
     for a in argv:
         if skip:
@@ -99,4 +114,4 @@ def continue_command(argv: Optional[list], last_path: str) -> str:
         if a.startswith("--resume-from="):
             continue
         args.append(a)
-    return "python train_ultimate.py " + shlex.join([*args, "--resume-from", last_path])
+    return f"{launcher()} train_ultimate.py " + shlex.join([*args, "--resume-from", last_path])
