@@ -254,3 +254,15 @@ def test_13_onecycle_floor_warmup_help_and_train_log(skipped_run, capsys):
         assert start in log, start
         matching = [s for s in console if s.startswith(start)]
         assert len(matching) == (3 if start == "Skipping a bad file" else 1), (start, matching)
+
+
+# ---- issue #20: a probe of bad and odd input -----------------------------------------------------
+
+def test_probe_14_negative_values_in_scientific_notation_and_durations_reach_the_checks(capsys):
+    """`--lr -1e-3` and `--time-limit -1h` got argparse's "expected one argument" (its negative-number
+    pattern takes `-0.001` only), not the flag's own message."""
+    for flag, value, words in (("--lr", "-1e-3", "--lr must be > 0 (got -0.001)"),
+                               ("--lr", "-0.001", "--lr must be > 0 (got -0.001)"),
+                               ("--time-limit", "-1h", "--time-limit '-1h' leaves no time to train"),
+                               ("--time-limit", "-1h30m", "--time-limit '-1h30m' leaves no time to train")):
+        assert words in one_error(capsys, [*SCHEDULE, flag, value])

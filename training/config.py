@@ -28,12 +28,12 @@ RESUME_SCHEDULES = ("auto", "continue", "restart")
 
 def parse_duration(text: str) -> float:
     """'8h30m', '45m', '90s', '1.5h', '1h2m3s' -> seconds. A bare number is refused (which unit?)."""
-    m = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?\s*",
+    m = re.fullmatch(r"\s*(-?)\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?\s*",
                      str(text))
-    if not m or not any(m.groups()) or not str(text).strip():
+    if not m or not any(m.groups()[1:]):
         raise UserError(f"--time-limit {text!r}: write a duration with units, e.g. 8h30m, 45m or 90s")
-    h, mi, s = (float(g) if g else 0.0 for g in m.groups())
-    if h * 3600 + mi * 60 + s <= 0:
+    h, mi, s = (float(g) if g else 0.0 for g in m.groups()[1:])
+    if m.group(1) or h * 3600 + mi * 60 + s <= 0:  # negative or zero
         raise UserError(f"--time-limit {text!r} leaves no time to train: give the wall time the run may "
                         "use, e.g. 8h30m, or leave --time-limit out")
     return h * 3600 + mi * 60 + s
