@@ -171,3 +171,32 @@ def test_8_disk_full_keeps_the_last_good_file(root, tmp_path, monkeypatch, capsy
     after = digest(out)
     assert after["last.pth"] == before["last.pth"] and after["best_model.pth"] == before["best_model.pth"]
     assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
+
+
+# ---- issue #20: a probe of bad and odd input -----------------------------------------------------
+
+def test_probe_11_overwrite_moves_nothing_when_the_start_fails(root, finished, tmp_path):
+    """--overwrite used to move the old run into previous-<time>/ before a bad --dataset-path failed."""
+    import shutil
+    folder = str(tmp_path / "run")
+    shutil.copytree(finished, folder)
+    before = digest(folder)
+    rc, text = cli("train", "--dataset-path", root + "-typo", "--checkpoint-dir", folder, *TINY, "--epochs", "1",
+                   "--overwrite")
+    assert rc == 2 and "--dataset-path" in one_error_line(text) and root + "-typo" in one_error_line(text)
+    assert digest(folder) == before and not [d for d in os.listdir(folder) if d.startswith("previous-")]
+
+
+def test_probe_12_overwrite_with_a_resume_from_the_same_folder_is_refused(finished, root, tmp_path):
+    """It used to move last.pth aside and then report 'checkpoint not found: DIR/last.pth'."""
+    import shutil
+    folder = str(tmp_path / "run")
+    shutil.copytree(finished, folder)
+    before = digest(folder)
+    last = os.path.join(folder, "last.pth")
+    rc, text = cli("train", "--dataset-path", root, "--checkpoint-dir", folder, *TINY, "--epochs", "3",
+                   "--overwrite", "--resume-from", last)
+    line = one_error_line(text)
+    assert rc == 2 and line.startswith(f"error: --overwrite with --resume-from {last} in the same --checkpoint-dir")
+    assert "leave out --overwrite" in line
+    assert digest(folder) == before

@@ -57,11 +57,14 @@ def check_folder(cfg: Config) -> None:
     """Before anything is written. A folder holding a run is refused unless ``--resume-from`` names a
     file in it (the run goes on) or ``--overwrite`` moves the old files into a subfolder."""
     folder = os.path.abspath(cfg.checkpoint_dir)
-    found = run_files(folder)
-    if not found:
-        return
     resuming_here = cfg.resume_from and os.path.dirname(os.path.abspath(cfg.resume_from)) == folder
-    if resuming_here:
+    if resuming_here and cfg.overwrite:
+        raise UserError(
+            f"--overwrite with --resume-from {cfg.resume_from} in the same --checkpoint-dir would move that "
+            f"file aside: leave out --overwrite to go on with that run there, or pass another --checkpoint-dir "
+            "to start a new run from it")
+    found = run_files(folder)
+    if not found or resuming_here:
         return
     if not cfg.overwrite:
         raise UserError(
