@@ -266,3 +266,47 @@ def test_probe_14_negative_values_in_scientific_notation_and_durations_reach_the
                                ("--time-limit", "-1h", "--time-limit '-1h' leaves no time to train"),
                                ("--time-limit", "-1h30m", "--time-limit '-1h30m' leaves no time to train")):
         assert words in one_error(capsys, [*SCHEDULE, flag, value])
+
+
+def sha256_of(folder) -> dict:
+    import hashlib
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def compared_runs(tmp_path):
+    """A folder with a metrics.csv as train writes it, and one whose metrics.csv is something else."""
+    run, other = tmp_path / "A", tmp_path / "d"
+    run.mkdir()
+    other.mkdir()
+    (run / "metrics.csv").write_text("epoch,stage,val_iou\n1,1,0.3\n2,2,0.4\n")
+    (other / "metrics.csv").write_text("garbage,,\n1,2\n")
+    return run, other
+
+
+def test_probe_7_compare_a_metrics_csv_the_tool_did_not_write(compared_runs, tmp_path, capsys):
+    """It used to end in KeyError: 'epoch'."""
+    run, other = compared_runs
+    (run / "config.json").write_text("{not json")  # nor a config.json that is not JSON
+    before = sha256_of(tmp_path)
+    line = one_error(capsys, ["compare", str(other), str(run), "--out", str(tmp_path / "c.png")])
+    assert line == (f"error: compare: {other / 'metrics.csv'} is not a metrics.csv that train wrote (no "
+                    "whole-number 'epoch' column): pass the --checkpoint-dir of a train run")
+    line = one_error(capsys, ["compare", str(run), "--out", str(tmp_path / "c.png")])
+    assert line.startswith(f"error: compare: cannot read {run / 'config.json'} (")
+    assert sha256_of(tmp_path) == before
+
+
+def test_probe_8_compare_out_is_a_folder_or_a_file_of_a_run(compared_runs, tmp_path, capsys):
+    """A folder used to end in IsADirectoryError (schedule had the check, compare did not); a run's
+    own file was replaced by the plot."""
+    run, _ = compared_runs
+    folder = tmp_path / "plots"
+    folder.mkdir()
+    before = sha256_of(tmp_path)
+    line = one_error(capsys, ["compare", str(run), "--out", str(folder)])
+    assert line == f"error: --out {folder} is a folder: name the file to write, e.g. {folder / 'compare.png'}"
+    line = one_error(capsys, ["compare", str(run), "--out", str(run / "metrics.csv")])
+    assert line.startswith(f"error: --out {run / 'metrics.csv'} is a file of one of the runs compared")
+    assert sha256_of(tmp_path) == before and os.listdir(folder) == []
