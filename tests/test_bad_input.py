@@ -310,3 +310,27 @@ def test_probe_8_compare_out_is_a_folder_or_a_file_of_a_run(compared_runs, tmp_p
     line = one_error(capsys, ["compare", str(run), "--out", str(run / "metrics.csv")])
     assert line.startswith(f"error: --out {run / 'metrics.csv'} is a file of one of the runs compared")
     assert sha256_of(tmp_path) == before and os.listdir(folder) == []
+
+
+def test_probe_3_predict_never_writes_over_an_input_image_nor_an_existing_file(demo_root, tmp_path, capsys):
+    """`--zip imgs/p0.png` with `--input imgs/` used to exit 0 with the image replaced by the zip."""
+    images = tmp_path / "imgs"
+    shutil.copytree(os.path.join(demo_root, "TestDataset", "demo", "Imgs"), images)
+    first = images / sorted(os.listdir(images))[0]
+    out = tmp_path / "masks"
+    out.mkdir()
+    mine = out / (first.stem + ".png")
+    mine.write_bytes(b"the user's own file")
+    (tmp_path / "ckpt.pth").write_bytes(b"never read: the outputs are checked first")
+    before = sha256_of(tmp_path)
+    predict = ["predict", "--checkpoint", str(tmp_path / "ckpt.pth"), "--input", str(images), "--no-progress"]
+    for extra in ([], ["--overwrite"]):  # an input image is never an output
+        line = one_error(capsys, [*predict, "--output", str(tmp_path / "new"), "--zip", str(first), *extra])
+        assert line == f"error: --zip {first} is one of the --input images: it would be replaced; choose another --zip"
+    line = one_error(capsys, [*predict, "--output", str(tmp_path / "new"), "--zip", str(tmp_path / "new")])
+    assert line.startswith(f"error: --zip {tmp_path / 'new'} is the --output folder")
+    line = one_error(capsys, [*predict, "--output", str(tmp_path / "new"), "--zip", str(out)])
+    assert line == f"error: --zip {out} is a folder: name the file to write, e.g. {out / 'masks.zip'}"
+    line = one_error(capsys, [*predict, "--output", str(out)])
+    assert line == f"error: --output: {mine} already exists: add --overwrite to replace, or choose another --output"
+    assert sha256_of(tmp_path) == before and not (tmp_path / "new").exists()
