@@ -334,3 +334,26 @@ def test_probe_3_predict_never_writes_over_an_input_image_nor_an_existing_file(d
     line = one_error(capsys, [*predict, "--output", str(out)])
     assert line == f"error: --output: {mine} already exists: add --overwrite to replace, or choose another --output"
     assert sha256_of(tmp_path) == before and not (tmp_path / "new").exists()
+
+
+def test_probe_5_a_float_image_with_an_infinite_pixel_is_a_bad_file(demo_root, tmp_path, capsys, caplog):
+    """A float32 TIFF in [0, 1] with one +inf pixel used to read as black, without a word."""
+    root = tmp_path / "data"
+    shutil.copytree(demo_root, root)
+    jpg = root / "TrainDataset" / "Imgs" / "train-0003.jpg"
+    image = cv2.imread(str(jpg)).astype(np.float32) / 255.0
+    image[5, 7, 1] = np.inf
+    tif = jpg.with_suffix(".tif")
+    cv2.imwrite(str(tif), image)
+    jpg.unlink()
+    before = sha256_of(root)
+    words = f"image {tif} has 1 pixel(s) that are NaN or infinite; re-export it without them or remove it"
+    caplog.set_level("INFO")
+    assert train_ultimate.main(["schedule", "--dataset-path", str(root), *TINY]) == 0
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    assert [r.getMessage() for r in caplog.records if "Skipping" in r.getMessage()] == [
+        f"Skipping a bad file (--skip-bad-files): {words}"]
+    line = one_error(capsys, ["schedule", "--dataset-path", str(root), *TINY, "--no-skip-bad-files"])
+    assert line.startswith(f"error: 1 bad file(s) in {root} (train 1): {words}")
+    assert sha256_of(root) == before
