@@ -357,3 +357,21 @@ def test_probe_5_a_float_image_with_an_infinite_pixel_is_a_bad_file(demo_root, t
     line = one_error(capsys, ["schedule", "--dataset-path", str(root), *TINY, "--no-skip-bad-files"])
     assert line.startswith(f"error: 1 bad file(s) in {root} (train 1): {words}")
     assert sha256_of(root) == before
+
+
+def test_probe_13_moe_top_k_above_the_experts_is_capped_and_says_so(demo_root, tmp_path, capsys, caplog):
+    """`--moe-top-k 9` with 4 experts used 4 but logged "top-9" and stored 9 in config.json."""
+    import json
+
+    out = tmp_path / "run"
+    caplog.set_level("INFO")
+    assert train_ultimate.main(["train", "--dataset-path", demo_root, "--checkpoint-dir", str(out), *TINY,
+                                "--epochs", "1", "--limit-batches", "1", "--num-experts", "4",
+                                "--moe-top-k", "9"]) == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err
+    messages = [r.getMessage() for r in caplog.records]
+    assert [m for m in messages if "--moe-top-k" in m] == [
+        "Note: --moe-top-k 9 is more than --num-experts 4: each sample uses all 4 experts (top-4)"]
+    assert any(m.startswith("Model: edgenext_xx_small, 4 experts (top-4)") for m in messages)
+    assert json.loads((out / "config.json").read_text())["moe_top_k"] == 4

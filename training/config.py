@@ -8,6 +8,7 @@ reads it back).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ SCHEDULERS = ("onecycle", "cosine", "cosine_restart", "none")
 AUG_PRESETS = ("none", "light", "moderate", "strong")
 MONITOR_CHOICES = ("iou", "dice", "sm", "wfm", "em", "mae", "loss")
 RESUME_SCHEDULES = ("auto", "continue", "restart")
+log = logging.getLogger("cod")
 
 
 def parse_duration(text: str) -> float:
@@ -204,6 +206,11 @@ class Config:
              "stage-2 epoch to train: raise --epochs above --stage1-epochs")
         check_img_size(self.img_size)
         self.model_spec.validate()
+        if self.moe_top_k > self.num_experts:  # the model caps it: log and store what it uses
+            if self.num_experts > 1:
+                log.info("Note: --moe-top-k %d is more than --num-experts %d: each sample uses all %d experts "
+                         "(top-%d)", self.moe_top_k, self.num_experts, self.num_experts, self.num_experts)
+            self.moe_top_k = self.num_experts
         need(self.batch_size >= 1, f"--batch-size must be >= 1 (got {self.batch_size})")
         need(self.stage2_batch_size_value >= 1,
              f"--stage2-batch-size must be >= 1 (got {self.stage2_batch_size})")
