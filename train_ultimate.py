@@ -15,12 +15,21 @@ from __future__ import annotations
 
 import argparse
 import logging
+<<<<<<< HEAD
 import os
+=======
+import re
+>>>>>>> fix-probe
 import sys
 
 from deps import check_dependencies
 from errors import UserError
 from training.control import RunInterrupted
+
+# A value that starts with '-' and a digit is a (negative) value, not a flag: argparse's own pattern
+# takes '-0.001' but not '-1e-3' or a duration such as '-1h', which then got "expected one argument"
+# instead of the flag's own check. No flag of this tool starts with '-' and a digit.
+NEGATIVE_VALUE = re.compile(r"^-\.?\d")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_arguments(p)
     p = sub.add_parser("predict", help="write probability or binary masks for images")
     add_predict_arguments(p)
+    for p in (parser, *sub.choices.values()):
+        p._negative_number_matcher = NEGATIVE_VALUE  # argparse's attribute (Python 3.8-3.13)
     return parser
 
 

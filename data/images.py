@@ -2,7 +2,7 @@
 
 ``load_image`` -> HxWx3 uint8 RGB and ``load_mask`` -> HxW uint8 in {0, 1}, whatever the file holds
 (grey, RGBA, 16-bit; 0/1, 0/255 or 0/65535 masks, noisy JPEG masks: see ``binarize_mask``).
-An unreadable file is a ``UserError`` naming the file.
+An unreadable file, or a float one with NaN or infinite pixels, is a ``UserError`` naming the file.
 Pixels are read as stored (``IMREAD_UNCHANGED``), so JPEG EXIF orientation is not applied: the
 image keeps the pixel grid its mask was drawn on.
 """
@@ -41,12 +41,22 @@ def _to_uint8(arr: np.ndarray, path: str | os.PathLike, what: str) -> np.ndarray
     if arr.dtype == np.uint16:
         return ((arr.astype(np.uint32) + 128) // 257).astype(np.uint8)  # 65535 -> 255, rounded
     if arr.dtype in (np.float32, np.float64):
-        a = np.nan_to_num(arr.astype(np.float32))
+        a = _finite(arr.astype(np.float32), path, what)
         if a.max(initial=0.0) <= 1.0:
             a = a * 255.0
         return np.clip(np.rint(a), 0, 255).astype(np.uint8)
     raise UserError(f"{what} {os.fspath(path)} has unsupported pixel type {arr.dtype}; "
                     "save it as 8- or 16-bit PNG/JPEG")
+
+
+def _finite(arr: np.ndarray, path: str | os.PathLike, what: str) -> np.ndarray:
+    """A float image or mask with NaN or infinite pixels is a bad file: one +inf made the scale
+    (1.0 or 255) unknowable and the rest read as black."""
+    bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+    if bad:
+        raise UserError(f"{what} {os.fspath(path)} has {bad} pixel(s) that are NaN or infinite; re-export it "
+                        "without them or remove it")
+    return arr
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
@@ -76,6 +86,8 @@ def load_mask(path: str | os.PathLike, size: tuple[int, int] | None = None) -> n
         arr = _to_uint8(arr, path, "mask")  # raises: unsupported pixel type
     if arr.dtype == np.float64:
         arr = arr.astype(np.float32)  # cvtColor takes 8U, 16U and 32F
+    if arr.dtype == np.float32:
+        _finite(arr, path, "mask")
     if arr.ndim == 3:
         channels = arr.shape[2]
         if channels == 3:

@@ -73,6 +73,9 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--zip", default=None, help="also pack the PNGs into this zip file (flat)")
     g.add_argument("--overlay", action=argparse.BooleanOptionalAction, default=False,
                    help="also write <output>/overlay/<stem>_overlay.jpg (the image tinted red by the mask)")
+    g.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
+                   help="replace masks, overlays and --zip that already exist (by default an existing file "
+                        "is refused; an --input image never is an output)")
 
 
 def options_from_args(cls, args: argparse.Namespace):

@@ -16,7 +16,7 @@ thread pools), with SIGINT and SIGTERM blocked from the start and then ignored: 
 process group (Ctrl-C, ``timeout``, Kaggle's stop) reaches only the main process, which stops
 cleanly. ``close()`` lets idle workers exit and kills them when chunks are still pending (a
 validation cut short by a signal does not wait for its images); a worker whose main process is gone
-(killed, say) exits by itself within a second.
+(killed, say) exits by itself at once, even in the middle of reading a chunk.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import multiprocessing
 import os
 import queue
 import signal
+import threading
 import traceback
 from typing import Optional, Sequence
 
@@ -85,6 +86,10 @@ def _work(tasks, results, main_alive) -> None:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
     results.cancel_join_thread()  # exit even when nobody reads the answers any more
+    # and exit at once when the main process is gone, whatever this thread is doing: a main process
+    # killed while it was writing a chunk leaves half a message in the task pipe, and reading the rest
+    # would wait forever (this worker holds a write end of that pipe too)
+    threading.Thread(target=_exit_when_gone, args=(main_alive,), daemon=True).start()
     while True:
         try:
             task = tasks.get(timeout=1.0)
@@ -95,6 +100,11 @@ def _work(tasks, results, main_alive) -> None:
         if task is None:
             return
         results.put(_score_chunk(*task))
+
+
+def _exit_when_gone(main_alive) -> None:
+    main_alive.poll(None)  # nothing is ever written: this returns at EOF
+    os._exit(0)
 
 
 def _host_copy(prob) -> np.ndarray:

@@ -22,7 +22,7 @@ import numpy as np
 
 import data as cod_data
 from data.images import IMAGE_EXTS
-from errors import UserError
+from errors import UserError, check_output_file
 from evaluation.evaluate import InferenceOptions, iterate_probs, load_model
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ class PredictOptions(InferenceOptions):
     threshold: Optional[float] = None  # None: probability PNGs; else binary 0/255 masks
     zip: Optional[str] = None
     overlay: bool = False
+    overwrite: bool = False  # replace existing output files (never an input image)
 
     def validate(self) -> None:
         super().validate()
@@ -123,6 +124,8 @@ def predict_images(opts: PredictOptions) -> list[str]:
     out_dir = os.path.abspath(opts.output)
     pngs = [os.path.join(out_dir, _stem(p) + ".png") for p in paths]  # never an input: validate()
     overlay_dir = os.path.join(out_dir, "overlay")
+    overlays = [os.path.join(overlay_dir, _stem(p) + "_overlay.jpg") for p in paths] if opts.overlay else []
+    check_targets(opts, paths, pngs, overlays)
     try:
         os.makedirs(overlay_dir if opts.overlay else out_dir, exist_ok=True)
     except OSError as e:
@@ -136,8 +139,7 @@ def predict_images(opts: PredictOptions) -> list[str]:
         mask = to_png(prob, size, opts.threshold)
         write_image(pngs[i], mask)
         if opts.overlay:
-            write_image(os.path.join(overlay_dir, _stem(paths[i]) + "_overlay.jpg"),
-                        overlay(cod_data.load_image(paths[i]), mask))
+            write_image(overlays[i], overlay(cod_data.load_image(paths[i]), mask))
 
     if opts.zip:
         write_zip(opts.zip, pngs)
@@ -145,6 +147,27 @@ def predict_images(opts: PredictOptions) -> list[str]:
              f", overlays to {overlay_dir}" if opts.overlay else "",
              f", zip {os.path.abspath(opts.zip)}" if opts.zip else "")
     return pngs
+
+
+def check_targets(opts: PredictOptions, inputs: list[str], pngs: list[str], overlays: list[str]) -> None:
+    """Before anything is written: no output is an input image or another output, and an existing file
+    is replaced only with ``--overwrite`` (nothing tells whether the user or an earlier predict wrote it)."""
+    check_output_file("--zip", opts.zip, "masks.zip")
+    targets = ([("--zip", opts.zip)] if opts.zip else []) + [("--output", p) for p in pngs] + \
+        [("--overlay", p) for p in overlays]
+    real_inputs = {os.path.realpath(p) for p in inputs}
+    for flag, path in targets:
+        if os.path.realpath(path) in real_inputs:
+            raise UserError(f"{flag} {path} is one of the --input images: it would be replaced; choose another {flag}")
+    written = [opts.output, *pngs, *([os.path.dirname(overlays[0])] if overlays else []), *overlays]
+    if opts.zip and os.path.realpath(opts.zip) in {os.path.realpath(p) for p in written}:
+        raise UserError(f"--zip {opts.zip} is the --output folder or one of the files predict writes; choose "
+                        "another --zip")
+    existing = [(flag, path) for flag, path in targets if os.path.lexists(path)]
+    if existing and not opts.overwrite:
+        flag, path = existing[0]
+        more = f" (and {len(existing) - 1} more file(s) predict would write)" if len(existing) > 1 else ""
+        raise UserError(f"{flag}: {path} already exists{more}: add --overwrite to replace, or choose another {flag}")
 
 
 def write_zip(zip_path: str, files: list[str]) -> None:

@@ -254,3 +254,124 @@ def test_13_onecycle_floor_warmup_help_and_train_log(skipped_run, capsys):
         assert start in log, start
         matching = [s for s in console if s.startswith(start)]
         assert len(matching) == (3 if start == "Skipping a bad file" else 1), (start, matching)
+
+
+# ---- issue #20: a probe of bad and odd input -----------------------------------------------------
+
+def test_probe_14_negative_values_in_scientific_notation_and_durations_reach_the_checks(capsys):
+    """`--lr -1e-3` and `--time-limit -1h` got argparse's "expected one argument" (its negative-number
+    pattern takes `-0.001` only), not the flag's own message."""
+    for flag, value, words in (("--lr", "-1e-3", "--lr must be > 0 (got -0.001)"),
+                               ("--lr", "-0.001", "--lr must be > 0 (got -0.001)"),
+                               ("--time-limit", "-1h", "--time-limit '-1h' leaves no time to train"),
+                               ("--time-limit", "-1h30m", "--time-limit '-1h30m' leaves no time to train")):
+        assert words in one_error(capsys, [*SCHEDULE, flag, value])
+
+
+def sha256_of(folder) -> dict:
+    import hashlib
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def compared_runs(tmp_path):
+    """A folder with a metrics.csv as train writes it, and one whose metrics.csv is something else."""
+    run, other = tmp_path / "A", tmp_path / "d"
+    run.mkdir()
+    other.mkdir()
+    (run / "metrics.csv").write_text("epoch,stage,val_iou\n1,1,0.3\n2,2,0.4\n")
+    (other / "metrics.csv").write_text("garbage,,\n1,2\n")
+    return run, other
+
+
+def test_probe_7_compare_a_metrics_csv_the_tool_did_not_write(compared_runs, tmp_path, capsys):
+    """It used to end in KeyError: 'epoch'."""
+    run, other = compared_runs
+    (run / "config.json").write_text("{not json")  # nor a config.json that is not JSON
+    before = sha256_of(tmp_path)
+    line = one_error(capsys, ["compare", str(other), str(run), "--out", str(tmp_path / "c.png")])
+    assert line == (f"error: compare: {other / 'metrics.csv'} is not a metrics.csv that train wrote (no "
+                    "whole-number 'epoch' column): pass the --checkpoint-dir of a train run")
+    line = one_error(capsys, ["compare", str(run), "--out", str(tmp_path / "c.png")])
+    assert line.startswith(f"error: compare: cannot read {run / 'config.json'} (")
+    assert sha256_of(tmp_path) == before
+
+
+def test_probe_8_compare_out_is_a_folder_or_a_file_of_a_run(compared_runs, tmp_path, capsys):
+    """A folder used to end in IsADirectoryError (schedule had the check, compare did not); a run's
+    own file was replaced by the plot."""
+    run, _ = compared_runs
+    folder = tmp_path / "plots"
+    folder.mkdir()
+    before = sha256_of(tmp_path)
+    line = one_error(capsys, ["compare", str(run), "--out", str(folder)])
+    assert line == f"error: --out {folder} is a folder: name the file to write, e.g. {folder / 'compare.png'}"
+    line = one_error(capsys, ["compare", str(run), "--out", str(run / "metrics.csv")])
+    assert line.startswith(f"error: --out {run / 'metrics.csv'} is a file of one of the runs compared")
+    assert sha256_of(tmp_path) == before and os.listdir(folder) == []
+
+
+def test_probe_3_predict_never_writes_over_an_input_image_nor_an_existing_file(demo_root, tmp_path, capsys):
+    """`--zip imgs/p0.png` with `--input imgs/` used to exit 0 with the image replaced by the zip."""
+    images = tmp_path / "imgs"
+    shutil.copytree(os.path.join(demo_root, "TestDataset", "demo", "Imgs"), images)
+    first = images / sorted(os.listdir(images))[0]
+    out = tmp_path / "masks"
+    out.mkdir()
+    mine = out / (first.stem + ".png")
+    mine.write_bytes(b"the user's own file")
+    (tmp_path / "ckpt.pth").write_bytes(b"never read: the outputs are checked first")
+    before = sha256_of(tmp_path)
+    predict = ["predict", "--checkpoint", str(tmp_path / "ckpt.pth"), "--input", str(images), "--no-progress"]
+    for extra in ([], ["--overwrite"]):  # an input image is never an output
+        line = one_error(capsys, [*predict, "--output", str(tmp_path / "new"), "--zip", str(first), *extra])
+        assert line == f"error: --zip {first} is one of the --input images: it would be replaced; choose another --zip"
+    line = one_error(capsys, [*predict, "--output", str(tmp_path / "new"), "--zip", str(tmp_path / "new")])
+    assert line.startswith(f"error: --zip {tmp_path / 'new'} is the --output folder")
+    line = one_error(capsys, [*predict, "--output", str(tmp_path / "new"), "--zip", str(out)])
+    assert line == f"error: --zip {out} is a folder: name the file to write, e.g. {out / 'masks.zip'}"
+    line = one_error(capsys, [*predict, "--output", str(out)])
+    assert line == f"error: --output: {mine} already exists: add --overwrite to replace, or choose another --output"
+    assert sha256_of(tmp_path) == before and not (tmp_path / "new").exists()
+
+
+def test_probe_5_a_float_image_with_an_infinite_pixel_is_a_bad_file(demo_root, tmp_path, capsys, caplog):
+    """A float32 TIFF in [0, 1] with one +inf pixel used to read as black, without a word."""
+    root = tmp_path / "data"
+    shutil.copytree(demo_root, root)
+    jpg = root / "TrainDataset" / "Imgs" / "train-0003.jpg"
+    image = cv2.imread(str(jpg)).astype(np.float32) / 255.0
+    image[5, 7, 1] = np.inf
+    tif = jpg.with_suffix(".tif")
+    cv2.imwrite(str(tif), image)
+    jpg.unlink()
+    before = sha256_of(root)
+    words = f"image {tif} has 1 pixel(s) that are NaN or infinite; re-export it without them or remove it"
+    caplog.set_level("INFO")
+    assert train_ultimate.main(["schedule", "--dataset-path", str(root), *TINY]) == 0
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    assert [r.getMessage() for r in caplog.records if "Skipping" in r.getMessage()] == [
+        f"Skipping a bad file (--skip-bad-files): {words}"]
+    line = one_error(capsys, ["schedule", "--dataset-path", str(root), *TINY, "--no-skip-bad-files"])
+    assert line.startswith(f"error: 1 bad file(s) in {root} (train 1): {words}")
+    assert sha256_of(root) == before
+
+
+def test_probe_13_moe_top_k_above_the_experts_is_capped_and_says_so(demo_root, tmp_path, capsys, caplog):
+    """`--moe-top-k 9` with 4 experts used 4 but logged "top-9" and stored 9 in config.json."""
+    import json
+
+    out = tmp_path / "run"
+    caplog.set_level("INFO")
+    assert train_ultimate.main(["train", "--dataset-path", demo_root, "--checkpoint-dir", str(out), *TINY,
+                                "--epochs", "1", "--limit-batches", "1", "--num-experts", "4",
+                                "--moe-top-k", "9"]) == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err
+    messages = [r.getMessage() for r in caplog.records]
+    assert [m for m in messages if "--moe-top-k" in m] == [
+        "Note: --moe-top-k 9 is more than --num-experts 4: each sample uses all 4 experts (top-4)"]
+    assert any(m.startswith("Model: edgenext_xx_small, 4 experts (top-4)") for m in messages)
+    assert json.loads((out / "config.json").read_text())["moe_top_k"] == 4

@@ -172,3 +172,76 @@ def test_8_disk_full_keeps_the_last_good_file(root, tmp_path, monkeypatch, capsy
     after = digest(out)
     assert after["last.pth"] == before["last.pth"] and after["best_model.pth"] == before["best_model.pth"]
     assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
+
+
+# ---- issue #20: a probe of bad and odd input -----------------------------------------------------
+
+def test_probe_11_overwrite_moves_nothing_when_the_start_fails(root, finished, tmp_path):
+    """--overwrite used to move the old run into previous-<time>/ before a bad --dataset-path failed."""
+    import shutil
+    folder = str(tmp_path / "run")
+    shutil.copytree(finished, folder)
+    before = digest(folder)
+    rc, text = cli("train", "--dataset-path", root + "-typo", "--checkpoint-dir", folder, *TINY, "--epochs", "1",
+                   "--overwrite")
+    assert rc == 2 and "--dataset-path" in one_error_line(text) and root + "-typo" in one_error_line(text)
+    assert digest(folder) == before and not [d for d in os.listdir(folder) if d.startswith("previous-")]
+
+
+def test_probe_12_overwrite_with_a_resume_from_the_same_folder_is_refused(finished, root, tmp_path):
+    """It used to move last.pth aside and then report 'checkpoint not found: DIR/last.pth'."""
+    import shutil
+    folder = str(tmp_path / "run")
+    shutil.copytree(finished, folder)
+    before = digest(folder)
+    last = os.path.join(folder, "last.pth")
+    rc, text = cli("train", "--dataset-path", root, "--checkpoint-dir", folder, *TINY, "--epochs", "3",
+                   "--overwrite", "--resume-from", last)
+    line = one_error_line(text)
+    assert rc == 2 and line.startswith(f"error: --overwrite with --resume-from {last} in the same --checkpoint-dir")
+    assert "leave out --overwrite" in line
+    assert digest(folder) == before
+
+
+@pytest.fixture(scope="module")
+def periodic_with_a_users_file(root, tmp_path_factory):
+    """3 epochs, --save-every 1 --keep-last 1, into a folder that holds the user's own epoch_0001.pth."""
+    folder = tmp_path_factory.mktemp("periodic_users") / "ck"
+    folder.mkdir()
+    (folder / "epoch_0001.pth").write_text("mine\n")
+    before = digest(str(folder))
+    rc, text = cli("train", "--dataset-path", root, "--checkpoint-dir", str(folder), *TINY, "--epochs", "3",
+                   "--save-every", "1", "--keep-last", "1")
+    return str(folder), before, rc, text
+
+
+def test_probe_1_a_periodic_copy_never_replaces_a_file_the_run_did_not_write(periodic_with_a_users_file):
+    """The user's epoch_0001.pth used to be overwritten by the run's copy, then pruned, without a word."""
+    folder, before, rc, text = periodic_with_a_users_file
+    assert rc == 0 and "Traceback" not in text, text
+    warnings = [line for line in text.splitlines() if line.startswith("Warning:")]
+    assert warnings == [f"Warning: {folder}/epoch_0001.pth was not written by this run: it is kept, and this "
+                        "periodic copy is epoch_0001-1.pth"]
+    after = digest(folder)
+    assert {k: after.get(k) for k in before} == before
+    assert sorted(f for f in os.listdir(folder) if f.startswith("epoch_")) == ["epoch_0001.pth", "epoch_0003.pth"]
+
+
+def test_probe_2_a_resume_into_another_folder_prunes_none_of_its_files(root, periodic_with_a_users_file, tmp_path):
+    """The periodic copies listed in A/last.pth (epoch_0002.pth) used to be pruned in B: the user's files."""
+    a_folder = periodic_with_a_users_file[0]
+    b_folder = tmp_path / "B"
+    b_folder.mkdir()
+    listed = ckpt.load(os.path.join(a_folder, "last.pth"))["periodic_copies"]
+    assert listed  # epoch_0002.pth: last.pth is saved before that epoch's copy
+    for name in listed:
+        (b_folder / name).write_text("mine\n")
+    before_a, before_b = digest(a_folder), digest(str(b_folder))
+    rc, text = cli("train", "--dataset-path", root, "--checkpoint-dir", str(b_folder), *TINY, "--epochs", "4",
+                   "--save-every", "1", "--keep-last", "1", "--resume-from", os.path.join(a_folder, "last.pth"))
+    assert rc == 0 and "Traceback" not in text, text
+    notes = [line for line in text.splitlines() if line.startswith("--keep-last:")]
+    assert len(notes) == 1 and os.path.realpath(a_folder) in notes[0] and "left alone" in notes[0]
+    after = digest(str(b_folder))
+    assert {k: after.get(k) for k in before_b} == before_b and "epoch_0004.pth" in after
+    assert digest(a_folder) == before_a

@@ -138,13 +138,19 @@ if __name__ == "__main__":
     pool.start()
     with open({pids!r}, "w") as f:
         f.write(" ".join(map(str, pool.pids)))
+    if {mid_message!r}:  # killed while sending a chunk: its first bytes only are in the task pipe
+        import struct
+        os.write(pool._tasks._writer.fileno(), struct.pack("!i", 1 << 20) + bytes(100))
     os.kill(os.getpid(), signal.SIGKILL)  # no close(), no atexit: the workers must notice by themselves
 """
 
 
-def test_the_workers_exit_when_the_main_process_is_killed(tmp_path):
+@pytest.mark.parametrize("mid_message", [False, True])
+def test_the_workers_exit_when_the_main_process_is_killed(tmp_path, mid_message):
+    """Mid-message, a worker used to wait forever for the rest of the chunk (and kept the forkserver
+    alive with it)."""
     script, pids_file = tmp_path / "orphan.py", tmp_path / "pids"
-    script.write_text(ORPHAN.format(repo=REPO, pids=str(pids_file)))
+    script.write_text(ORPHAN.format(repo=REPO, pids=str(pids_file), mid_message=mid_message))
     rc = subprocess.run([sys.executable, str(script)], cwd=REPO, stdin=subprocess.DEVNULL,
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120).returncode
     assert rc == -signal.SIGKILL

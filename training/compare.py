@@ -10,6 +10,7 @@ Dice, Sm and the validation loss. Everything comes from each folder's ``metrics.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
@@ -17,7 +18,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from errors import UserError
+from errors import UserError, check_output_file
 from evaluation.metrics import HEADERS, resolve_monitor
 from training.runlog import atomic_open, read_metrics_csv
 
@@ -48,12 +49,32 @@ def load_runs(folders: list) -> list[RunRecord]:
         config_path = os.path.join(folder, "config.json")
         config = None
         if os.path.isfile(config_path):
-            with open(config_path) as f:
-                config = json.load(f)
-        runs.append(RunRecord(folder, history=read_metrics_csv(metrics), config=config))
+            try:
+                with open(config_path) as f:
+                    config = json.load(f)
+            except (OSError, ValueError) as e:
+                raise UserError(f"compare: cannot read {config_path} ({' '.join(str(e).split())}): it is not "
+                                "the config.json train writes; fix or remove it") from None
+            if not isinstance(config, dict):
+                raise UserError(f"compare: {config_path} is not the config.json train writes (not a JSON "
+                                "object); fix or remove it")
+        runs.append(RunRecord(folder, history=_read_history(metrics), config=config))
     for run, name in zip(runs, run_names([r.folder for r in runs])):
         run.name = name
     return runs
+
+
+def _read_history(metrics: str) -> list[dict]:
+    """The rows of a metrics.csv that train wrote; any other file is a UserError naming it."""
+    try:
+        history = read_metrics_csv(metrics)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"compare: cannot read {metrics} ({' '.join(str(e).split())}): pass the "
+                        "--checkpoint-dir of a train run") from None
+    if any(not isinstance(r.get("epoch"), int) for r in history):
+        raise UserError(f"compare: {metrics} is not a metrics.csv that train wrote (no whole-number 'epoch' "
+                        "column): pass the --checkpoint-dir of a train run")
+    return history
 
 
 def run_names(folders: list) -> list[str]:
@@ -135,7 +156,11 @@ def compare_runs(folders: list, out: str = "compare.png", metric: str = "iou") -
     """Print the table and write the plot to ``out``."""
     key, higher = resolve_monitor(metric)
     column = f"val_{key}"
+    check_output_file("--out", out, "compare.png")
     runs = load_runs(folders)
+    if os.path.isfile(out) and os.path.dirname(os.path.realpath(out)) in {os.path.realpath(f) for f in folders}:
+        raise UserError(f"--out {out} is a file of one of the runs compared: compare writes nothing into "
+                        "them; choose another --out")
     if not any(column in r for run in runs for r in run.history):
         raise UserError(f"compare: no run has a {column} column in metrics.csv (choose another --metric)")
     print(comparison_table(runs, column, higher))

@@ -8,6 +8,7 @@ reads it back).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -24,16 +25,17 @@ SCHEDULERS = ("onecycle", "cosine", "cosine_restart", "none")
 AUG_PRESETS = ("none", "light", "moderate", "strong")
 MONITOR_CHOICES = ("iou", "dice", "sm", "wfm", "em", "mae", "loss")
 RESUME_SCHEDULES = ("auto", "continue", "restart")
+log = logging.getLogger("cod")
 
 
 def parse_duration(text: str) -> float:
     """'8h30m', '45m', '90s', '1.5h', '1h2m3s' -> seconds. A bare number is refused (which unit?)."""
-    m = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?\s*",
+    m = re.fullmatch(r"\s*(-?)\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?\s*",
                      str(text))
-    if not m or not any(m.groups()) or not str(text).strip():
+    if not m or not any(m.groups()[1:]):
         raise UserError(f"--time-limit {text!r}: write a duration with units, e.g. 8h30m, 45m or 90s")
-    h, mi, s = (float(g) if g else 0.0 for g in m.groups())
-    if h * 3600 + mi * 60 + s <= 0:
+    h, mi, s = (float(g) if g else 0.0 for g in m.groups()[1:])
+    if m.group(1) or h * 3600 + mi * 60 + s <= 0:  # negative or zero
         raise UserError(f"--time-limit {text!r} leaves no time to train: give the wall time the run may "
                         "use, e.g. 8h30m, or leave --time-limit out")
     return h * 3600 + mi * 60 + s
@@ -204,6 +206,11 @@ class Config:
              "stage-2 epoch to train: raise --epochs above --stage1-epochs")
         check_img_size(self.img_size)
         self.model_spec.validate()
+        if self.moe_top_k > self.num_experts:  # the model caps it: log and store what it uses
+            if self.num_experts > 1:
+                log.info("Note: --moe-top-k %d is more than --num-experts %d: each sample uses all %d experts "
+                         "(top-%d)", self.moe_top_k, self.num_experts, self.num_experts, self.num_experts)
+            self.moe_top_k = self.num_experts
         need(self.batch_size >= 1, f"--batch-size must be >= 1 (got {self.batch_size})")
         need(self.stage2_batch_size_value >= 1,
              f"--stage2-batch-size must be >= 1 (got {self.stage2_batch_size})")

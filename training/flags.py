@@ -58,7 +58,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-experts", type=int, default=d.num_experts,
                    help="experts per decoder level (Kvasir study, docs/experiments.md: 4 beat 1 by "
                         "+0.037 Dice; 7 no measured difference from 4)")
-    g.add_argument("--moe-top-k", type=int, default=d.moe_top_k, help="experts used per sample")
+    g.add_argument("--moe-top-k", type=int, default=d.moe_top_k,
+                   help="experts used per sample (more than --num-experts is capped there, with a note)")
     _bool_flag(g, "--deep-supervision", "add side outputs at three decoder scales to the loss (Kvasir "
                "study: no measured effect)")
     g.add_argument("--decoder-channels", type=int, default=d.decoder_channels)

@@ -3,7 +3,7 @@ one, and ``--keep-last`` deletes only the copies this run wrote.
 
     check_folder(cfg)            refuse a folder that holds a run, unless resuming it or --overwrite
     with FolderLock(dir): ...    one run at a time (an OS lock, released when the process ends)
-    prune_periodic(dir, written, keep)
+    save_periodic_copy(run, full, epoch)   --save-every/--keep-last, never over a file it did not write
 """
 
 from __future__ import annotations
@@ -57,11 +57,14 @@ def check_folder(cfg: Config) -> None:
     """Before anything is written. A folder holding a run is refused unless ``--resume-from`` names a
     file in it (the run goes on) or ``--overwrite`` moves the old files into a subfolder."""
     folder = os.path.abspath(cfg.checkpoint_dir)
-    found = run_files(folder)
-    if not found:
-        return
     resuming_here = cfg.resume_from and os.path.dirname(os.path.abspath(cfg.resume_from)) == folder
-    if resuming_here:
+    if resuming_here and cfg.overwrite:
+        raise UserError(
+            f"--overwrite with --resume-from {cfg.resume_from} in the same --checkpoint-dir would move that "
+            f"file aside: leave out --overwrite to go on with that run there, or pass another --checkpoint-dir "
+            "to start a new run from it")
+    found = run_files(folder)
+    if not found or resuming_here:
         return
     if not cfg.overwrite:
         raise UserError(
@@ -144,11 +147,34 @@ def what_is_kept(cfg: Config) -> str:
 
 def save_periodic_copy(run, full: dict, epoch: int) -> None:
     """``--save-every N``: epoch_NNNN.pth every N epochs; ``--keep-last K`` keeps the newest K of the
-    copies this run wrote (files it did not write are never deleted)."""
+    copies this run wrote in this folder. A file of that name that the run did not write is never
+    replaced (the copy takes the next free name, epoch_NNNN-1.pth, ...) nor deleted; nor are the
+    copies a resumed checkpoint lists in another folder."""
     cfg, c = run.cfg, run.counters
     if not cfg.save_every or (epoch + 1) % cfg.save_every:
         return
-    name = f"epoch_{epoch + 1:04d}.pth"
+    folder = os.path.realpath(cfg.checkpoint_dir)
+    if c.periodic_dir != folder:
+        if c.periodic:
+            log.info("--keep-last: the %d periodic copies the resumed checkpoint lists were written in %s, "
+                     "not in --checkpoint-dir %s: they are left alone", len(c.periodic),
+                     c.periodic_dir or "a folder it does not name", cfg.checkpoint_dir)
+        c.periodic, c.periodic_dir = [], folder
+    name = own_or_free_name(cfg.checkpoint_dir, f"epoch_{epoch + 1:04d}", c.periodic)
     c.periodic = [n for n in c.periodic if n != name] + [name]
-    state.save({**full, "periodic_copies": list(c.periodic)}, os.path.join(cfg.checkpoint_dir, name))
+    state.save({**full, "periodic_copies": list(c.periodic), "periodic_dir": folder},
+               os.path.join(cfg.checkpoint_dir, name))
     c.periodic = prune_periodic(cfg.checkpoint_dir, c.periodic, cfg.keep_last)
+
+
+def own_or_free_name(folder: str, stem: str, own: list) -> str:
+    """``stem.pth``, unless a file of that name is there that this run did not write (not in ``own``):
+    then the first of ``stem-1.pth``, ``stem-2.pth``, ... that is free or this run's, with a warning."""
+    name, n = f"{stem}.pth", 0
+    while name not in own and os.path.lexists(os.path.join(folder, name)):
+        n += 1
+        name = f"{stem}-{n}.pth"
+    if n:
+        log.info("Warning: %s was not written by this run: it is kept, and this periodic copy is %s",
+                 os.path.join(folder, f"{stem}.pth"), name)
+    return name

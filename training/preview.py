@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import logging
-import os
 from typing import Optional
 
 import schedulers
-from errors import UserError
+from errors import UserError, check_output_file
 from training.config import Config
 from training.stages import plan_stages
 
@@ -23,10 +22,8 @@ def preview_schedule(cfg: Config, steps_per_epoch: Optional[int] = None, out: Op
     """
     from training.setup import load_data, make_lr_plan  # the very functions train uses
 
-    for flag, path in (("--out", out), ("--plot", plot)):
-        if path and os.path.isdir(path):
-            raise UserError(f"{flag} {path} is a folder: name the file to write, e.g. "
-                            f"{os.path.join(path, 'lr.csv' if flag == '--out' else 'lr.png')}")
+    check_output_file("--out", out, "lr.csv")
+    check_output_file("--plot", plot, "lr.png")
     restart_at = None
     if cfg.resume_from:  # what a resume would do: the same decision train makes
         from training.resume import decide_schedule, peek

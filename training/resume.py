@@ -93,5 +93,5 @@ def resume_run(run) -> None:
              c.epoch + 1, f" + {c.partial['batches']} batches" if c.partial else "", obj.get("stage"),
              cfg.monitor, "none" if c.best_value is None else f"{c.best_value:.4f} at epoch {c.best_epoch + 1}",
              why)
-    if run.rt.is_main:
+    if run.rt.is_main and not cfg.overwrite:  # --overwrite moves the whole old run aside instead
         archive_abandoned_history(os.path.join(cfg.checkpoint_dir, "metrics.csv"), c.epoch + 1)

@@ -5,8 +5,8 @@ and dicts (no pickled classes), so ``torch.load(weights_only=True)`` reads it:
 
     format_version, model, ema, optimizer, scaler, epoch (last completed, 0-based), stage,
     global_step, unfreeze_level, best {metric, value, epoch}, bad_epochs, history [rows], restart_at,
-    partial, periodic_copies, guards {...}, divergence_guard {losses, bad_in_row}, rng {...},
-    rng_ranks [...], world_size, config {...}
+    partial, periodic_copies [names], periodic_dir, guards {...}, divergence_guard {losses, bad_in_row,
+    first}, rng {...}, rng_ranks [...], world_size, config {...}
 
 ``RunState.load_state_dict(obj)`` puts it back onto the run's device: resuming from a file and rolling
 back to a state kept in memory are the same call. ``save`` writes a temporary file in the same
@@ -219,6 +219,7 @@ class Counters:
     restart_at: Optional[int] = None  # epoch where a plateau-breaking resume restarted the schedule
     partial: Optional[dict] = None    # an epoch cut short by a stop request: how far it got
     periodic: list = field(default_factory=list)  # epoch_NNNN.pth copies this run wrote, oldest first
+    periodic_dir: Optional[str] = None  # the folder they are in (a resume elsewhere must not prune there)
     unfreeze_floor: int = 0         # the deepest unfreeze level reached: a resume never re-freezes
     # the guards (training/guards.py)
     lr_scale: float = 1.0           # product of the rollbacks' LR back-offs
@@ -265,6 +266,7 @@ class RunState:
             "restart_at": c.restart_at,
             "partial": c.partial,
             "periodic_copies": list(c.periodic),
+            "periodic_dir": c.periodic_dir,
             "guards": {k: copy.deepcopy(getattr(c, k)) for k in Counters.GUARD_FIELDS},
             "divergence_guard": self.guard.state_dict() if self.guard is not None else None,
             "rng": rng_state(),
@@ -323,7 +325,7 @@ class RunState:
             info("Resume: --monitor changed from %s to %s: the best-model record starts anew",
                      obj["best"].get("metric"), self.monitor)
         c.restart_at = obj.get("restart_at")
-        c.periodic = list(obj.get("periodic_copies", []))
+        c.periodic, c.periodic_dir = list(obj.get("periodic_copies", [])), obj.get("periodic_dir")
         defaults = Counters()
         for k in Counters.GUARD_FIELDS:
             setattr(c, k, copy.deepcopy(obj.get("guards", {}).get(k, getattr(defaults, k))))

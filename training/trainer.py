@@ -59,8 +59,6 @@ def fit(cfg: Config, argv: Optional[list] = None) -> dict:
             os.makedirs(cfg.checkpoint_dir, exist_ok=True)
         rt.barrier()
         with FolderLock(cfg.checkpoint_dir) if rt.is_main else nullcontext():
-            if rt.is_main and cfg.overwrite:
-                move_aside(cfg.checkpoint_dir)
             try:
                 result = _fit(cfg, rt, argv)
                 rt.barrier()  # no process tears the process group down while another still uses it
@@ -76,6 +74,8 @@ def _fit(cfg: Config, rt: Runtime, argv: Optional[list]) -> dict:
     try:
         run, index, train_samples, val_samples = start_run(cfg, rt)
         if rt.is_main:  # only once the data, the model and the resume are known to work
+            if cfg.overwrite:
+                move_aside(cfg.checkpoint_dir)
             with open(os.path.join(cfg.checkpoint_dir, "config.json"), "w") as f:
                 json.dump(cfg.to_dict(), f, indent=2)
             setup_logging(cfg.checkpoint_dir, early)
