@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-<<<<<<< HEAD
 import os
-=======
 import re
->>>>>>> fix-probe
 import sys
 
 from deps import check_dependencies

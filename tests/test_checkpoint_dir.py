@@ -233,7 +233,7 @@ def test_probe_2_a_resume_into_another_folder_prunes_none_of_its_files(root, per
     b_folder = tmp_path / "B"
     b_folder.mkdir()
     listed = ckpt.load(os.path.join(a_folder, "last.pth"))["periodic_copies"]
-    assert listed  # epoch_0002.pth: last.pth is saved before that epoch's copy
+    assert listed == ["epoch_0003.pth"]  # last.pth lists its own epoch's copy
     for name in listed:
         (b_folder / name).write_text("mine\n")
     before_a, before_b = digest(a_folder), digest(str(b_folder))
@@ -245,3 +245,15 @@ def test_probe_2_a_resume_into_another_folder_prunes_none_of_its_files(root, per
     after = digest(str(b_folder))
     assert {k: after.get(k) for k in before_b} == before_b and "epoch_0004.pth" in after
     assert digest(a_folder) == before_a
+
+
+def test_a_resume_in_the_same_folder_prunes_the_copies_written_before_the_stop(root, tmp_path):
+    """last.pth lists the copy of its own epoch: resumed, --keep-last 1 prunes it in turn (one copy
+    per resume used to stay for good)."""
+    out = str(tmp_path / "pieces")
+    args = ["train", "--dataset-path", root, "--checkpoint-dir", out, *TINY, "--epochs", "3", "--save-every", "1",
+            "--keep-last", "1"]
+    assert train_ultimate.main([*args, "--run-epochs", "2"]) == 0
+    assert ckpt.load(os.path.join(out, "last.pth"))["periodic_copies"] == ["epoch_0002.pth"]
+    assert train_ultimate.main([*args, "--resume-from", os.path.join(out, "last.pth")]) == 0
+    assert sorted(f for f in os.listdir(out) if f.startswith("epoch_")) == ["epoch_0003.pth"]

@@ -3,11 +3,12 @@ one, and ``--keep-last`` deletes only the copies this run wrote.
 
     check_folder(cfg)            refuse a folder that holds a run, unless resuming it or --overwrite
     with FolderLock(dir): ...    one run at a time (an OS lock, released when the process ends)
-    save_periodic_copy(run, full, epoch)   --save-every/--keep-last, never over a file it did not write
+    next_periodic_copy / write_periodic_copy   --save-every/--keep-last, never over a file it did not write
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -122,19 +123,6 @@ class FolderLock:
         return False
 
 
-def prune_periodic(folder: str, written: list, keep: Optional[int]) -> list:
-    """``--keep-last K``: delete the oldest periodic copies *this run wrote* (``written``, in order),
-    keeping the newest K; copies it did not write are never touched. Returns what is kept."""
-    if not keep or len(written) <= keep:
-        return list(written)
-    for name in written[:-keep]:
-        try:
-            os.remove(os.path.join(folder, name))
-        except FileNotFoundError:
-            pass
-    return list(written[-keep:])
-
-
 def what_is_kept(cfg: Config) -> str:
     """Exactly what the folder holds after a divergence (nothing diverged is ever saved)."""
     kept = []
@@ -145,14 +133,16 @@ def what_is_kept(cfg: Config) -> str:
     return ", ".join(kept)
 
 
-def save_periodic_copy(run, full: dict, epoch: int) -> None:
-    """``--save-every N``: epoch_NNNN.pth every N epochs; ``--keep-last K`` keeps the newest K of the
-    copies this run wrote in this folder. A file of that name that the run did not write is never
-    replaced (the copy takes the next free name, epoch_NNNN-1.pth, ...) nor deleted; nor are the
-    copies a resumed checkpoint lists in another folder."""
+def next_periodic_copy(run, epoch: int) -> Optional[tuple[str, list]]:
+    """``--save-every N``: the name of epoch ``epoch``'s copy and the older copies ``--keep-last K``
+    drops, or None. The run's list of copies is updated first, so the checkpoints of this epoch
+    (last.pth, the copy itself) list exactly the copies there will be. Only copies this run wrote in
+    this folder are listed: a file of that name that the run did not write is never replaced (the
+    copy takes the next free name, epoch_NNNN-1.pth, ...) nor deleted; nor are the copies a resumed
+    checkpoint lists in another folder."""
     cfg, c = run.cfg, run.counters
     if not cfg.save_every or (epoch + 1) % cfg.save_every:
-        return
+        return None
     folder = os.path.realpath(cfg.checkpoint_dir)
     if c.periodic_dir != folder:
         if c.periodic:
@@ -161,10 +151,20 @@ def save_periodic_copy(run, full: dict, epoch: int) -> None:
                      c.periodic_dir or "a folder it does not name", cfg.checkpoint_dir)
         c.periodic, c.periodic_dir = [], folder
     name = own_or_free_name(cfg.checkpoint_dir, f"epoch_{epoch + 1:04d}", c.periodic)
-    c.periodic = [n for n in c.periodic if n != name] + [name]
-    state.save({**full, "periodic_copies": list(c.periodic), "periodic_dir": folder},
-               os.path.join(cfg.checkpoint_dir, name))
-    c.periodic = prune_periodic(cfg.checkpoint_dir, c.periodic, cfg.keep_last)
+    written = [n for n in c.periodic if n != name] + [name]
+    keep = cfg.keep_last or len(written)
+    c.periodic = written[-keep:]
+    return name, written[:-keep]
+
+
+def write_periodic_copy(run, full: dict, copy: Optional[tuple[str, list]]) -> None:
+    """Write what ``next_periodic_copy`` planned: the copy, then delete the copies it drops."""
+    if copy is not None:
+        name, dropped = copy
+        state.save(full, os.path.join(run.cfg.checkpoint_dir, name))
+        for old in dropped:  # copies this run wrote in this folder (next_periodic_copy)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(run.cfg.checkpoint_dir, old))
 
 
 def own_or_free_name(folder: str, stem: str, own: list) -> str:

@@ -32,7 +32,7 @@ from training import state as ckpt
 from training.config import Config
 from training.control import RunInterrupted, StopRequest, TimeBudget, continue_command
 from training.curves import draw_curves, lr_steps_from_plan
-from training.folder import FolderLock, check_folder, move_aside, save_periodic_copy
+from training.folder import FolderLock, check_folder, move_aside, next_periodic_copy, write_periodic_copy
 from training.guards import (DivergenceGuard, RollbackNeeded, after_divergence, check_finite_output,
                              count_plateau, plateau_reached, plateau_restart, rollback, snapshot)
 from training.ema import ModelEma
@@ -254,6 +254,7 @@ def end_of_epoch(run: Run, stage: Stage, epoch: int, level: int, train_stats: di
     else:
         c.bad_epochs += 1
     log.info("%s | %.0fs%s", format_epoch_line(row, cfg), seconds, "  * best" if improved else "")
+    copy = next_periodic_copy(run, epoch) if rt.is_main else None  # listed in this epoch's checkpoints
     full = checkpoint_state(run, stage, level)
     best_path = os.path.join(cfg.checkpoint_dir, "best_model.pth")
     if rt.is_main and improved:
@@ -265,7 +266,7 @@ def end_of_epoch(run: Run, stage: Stage, epoch: int, level: int, train_stats: di
         full = checkpoint_state(run, stage, level)
     if rt.is_main:
         ckpt.save(full, os.path.join(cfg.checkpoint_dir, "last.pth"))
-        save_periodic_copy(run, full, epoch)
+        write_periodic_copy(run, full, copy)
         write_metrics_csv(c.history, os.path.join(cfg.checkpoint_dir, "metrics.csv"))
         draw_curves(cfg.checkpoint_dir, c.history, lr_steps=run.lr_steps,  # an event before epoch e at e - 1
                     events=[{**e, "epoch": e["epoch"] - 1} for e in c.events])
