@@ -152,7 +152,7 @@ def epoch_fraction(val_img_per_s: float, train_img_per_s: float) -> float:
 def run(args) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
-    model = build_model(backbone=args.backbone, pretrained=False).to(device).eval()
+    model = build_model(backbone=args.backbone, pretrained=False, img_size=args.img_size).to(device).eval()
     loss_fn = build_loss()
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-evaluate-") as tmp:

@@ -63,7 +63,7 @@ def main(argv=None) -> None:
     for backbone in args.backbones:
         for label, experts, k in variants:
             model = build_model(backbone, num_experts=experts, moe_top_k=k, deep_supervision=True,
-                                pretrained=False).train()
+                                pretrained=False, img_size=args.size).train()
             c = model.param_counts()
             sec = time_step(model, loss_fn, x, mask, args.repeats)
             print(f"| {backbone} | {label} | {c['total'] / 1e6:.2f} | {(c['decoder'] + c['heads']) / 1e6:.3f} "

@@ -16,8 +16,9 @@ with every parameter (frozen ones have no gradient and are skipped, as in traini
                    its norms in eval mode): forward through the backbone, no backward through it
     (--dense-row)  "full stage 2" with every expert run on every sample (the MoE before its
                    sparse dispatch; the same function)
-    bare backbone  timm ``features_only`` backbone alone, loss = sum of the means of its feature
-                   maps, AdamW over its parameters
+    bare backbone  the timm ``features_only`` backbone alone (``models.encoder.Encoder``: the four
+                   maps the decoder uses), loss = sum of the means of its feature maps, AdamW over
+                   its parameters
 
 All four are built in one process and timed interleaved (one step of each per round, after
 ``--warmup`` rounds), so a slow spell of a shared machine hits every row alike; the reported time
@@ -52,6 +53,7 @@ import torch  # noqa: E402
 
 from losses import build_loss  # noqa: E402
 from models import build_model  # noqa: E402
+from models.encoder import Encoder  # noqa: E402
 from models.flops import forward_gflops  # noqa: E402
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -100,7 +102,7 @@ def dense_moe(v: Variant) -> Variant:
 def build_variants(args, device) -> list[Variant]:
     loss_fn = project_loss(build_loss())
     common = dict(backbone=args.backbone, deep_supervision=args.deep_supervision, pretrained=False,
-                  decoder_channels=args.decoder_channels)
+                  decoder_channels=args.decoder_channels, img_size=args.img_size)
 
     def cod(name, num_experts, level):
         torch.manual_seed(args.seed)
@@ -119,9 +121,9 @@ def build_variants(args, device) -> list[Variant]:
                        make_optimizer(groups, args.optimizer), fn, 0.0)
 
     torch.manual_seed(args.seed)
-    bare = timm.create_model(args.backbone, features_only=True, pretrained=False)
+    bare = Encoder(args.backbone, pretrained=False, img_size=args.img_size)
     if args.grad_checkpointing:
-        bare.set_grad_checkpointing(True)
+        bare.model.set_grad_checkpointing(True)
     variants = [cod("full stage 2", args.num_experts, 99), cod("MoE off", 1, 99),
                 cod("stage 1", args.num_experts, 0),
                 *([dense_moe(cod("full stage 2, dense MoE", args.num_experts, 99))] if args.dense_row else []),

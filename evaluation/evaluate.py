@@ -127,7 +127,7 @@ def load_for_inference(checkpoint_path: str, use_ema: bool, device, overrides: O
 
     model = build_model(backbone=cfg["backbone"], num_experts=cfg["num_experts"], moe_top_k=cfg["moe_top_k"],
                         deep_supervision=cfg["deep_supervision"], pretrained=False,
-                        decoder_channels=cfg["decoder_channels"])
+                        decoder_channels=cfg["decoder_channels"], img_size=cfg["img_size"])
     ema = obj.get("ema")
     has_ema = isinstance(ema, dict) and isinstance(ema.get("module"), dict)
     if use_ema and not has_ema:

@@ -1,4 +1,4 @@
-"""The COD model: Encoder (timm EdgeNeXt) -> Decoder (top-down + experts) -> Heads.
+"""The COD model: Encoder (a timm backbone, EdgeNeXt by default) -> Decoder (top-down + experts) -> Heads.
 
 The model returns outputs only; every loss lives in ``losses/``.
 """
@@ -19,7 +19,7 @@ NUM_SIDE_HEADS = 3
 
 class Heads(nn.Module):
     """Dropout2d, then a 1x1 conv to one logit channel: main on the finest decoder level, and with
-    deep supervision one side head on each of the next three (strides 8, 16, 32 for EdgeNeXt)."""
+    deep supervision one side head on each of the next three (strides 8, 16, 32)."""
 
     def __init__(self, channels: int, deep_supervision: bool = False, dropout: float = 0.0):
         super().__init__()
@@ -35,8 +35,10 @@ class Heads(nn.Module):
 
 
 def _is_norm(m: nn.Module) -> bool:
+    """Any norm layer: torch's, timm's (LayerNorm2d, BatchNormAct2d, FrozenBatchNorm2d, ...), and
+    anything else that keeps running statistics."""
     return isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)) \
-        or "norm" in type(m).__name__.lower()
+        or "norm" in type(m).__name__.lower() or hasattr(m, "running_mean")
 
 
 class CODModel(nn.Module):
@@ -125,9 +127,13 @@ class CODModel(nn.Module):
 
 def build_model(backbone: str = "edgenext_base", num_experts: int = 4, moe_top_k: int = 2,
                 deep_supervision: bool = False, pretrained: bool = True, pretrained_path: str | None = None,
-                drop_path: float = 0.0, dropout: float = 0.0, decoder_channels: int = 64) -> CODModel:
+                drop_path: float = 0.0, dropout: float = 0.0, decoder_channels: int = 64,
+                img_size: int | None = None) -> CODModel:
+    """``img_size`` is the training/inference input size; only backbones built for one input size
+    (Swin) use it, and they are checked at it."""
     ModelSpec(backbone, num_experts, moe_top_k, deep_supervision, decoder_channels, drop_path, dropout).validate()
-    encoder = Encoder(backbone, pretrained=pretrained, pretrained_path=pretrained_path, drop_path=drop_path)
+    encoder = Encoder(backbone, pretrained=pretrained, pretrained_path=pretrained_path, drop_path=drop_path,
+                      img_size=img_size)
     decoder = Decoder(encoder.channels, decoder_channels, num_experts, moe_top_k)
     heads = Heads(decoder_channels, deep_supervision, dropout)
     return CODModel(encoder, decoder, heads)

@@ -1,4 +1,5 @@
-"""The backbone: a timm EdgeNeXt with ``features_only=True``, and how its weights get there.
+"""The backbone: a timm model with ``features_only=True`` (EdgeNeXt by default), and how its
+weights get there.
 
 Weights come from one of three places, tried in this order:
 
@@ -14,6 +15,7 @@ Weights come from one of three places, tried in this order:
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 import os
 import socket
@@ -29,63 +31,149 @@ from errors import UserError
 log = logging.getLogger(__name__)
 
 # keys of a classification checkpoint that a features_only backbone has no use for
-_HEAD_PREFIXES = ("head.", "fc.", "classifier.", "norm.", "head_")
+_HEAD_PREFIXES = ("head.", "fc.", "classifier.", "norm.", "head_", "conv_head.", "bn2.")
 _WRAPPER_KEYS = ("state_dict", "model", "model_ema", "module")
 _STRIP_PREFIXES = ("module.", "model.")
+DECODER_STRIDES = (4, 8, 16, 32)
 
 
 def check_backbone_name(backbone: str) -> None:
-    """Only EdgeNeXt variants known to timm (optionally with a pretrained tag, ``name.tag``)."""
-    known = timm.list_models("edgenext*")
+    """A model timm knows (optionally with a pretrained tag, ``name.tag``); else one line with close
+    matches."""
     base, _, tag = backbone.partition(".")
-    if base not in known:
-        raise UserError(f"--backbone {backbone!r} is not supported: use one of {', '.join(known)}")
-    if tag and backbone not in timm.list_models("edgenext*", pretrained=True):
+    if not timm.is_model(base):
+        close = difflib.get_close_matches(base, timm.list_models(), n=5, cutoff=0.6)
+        hint = f"close matches: {', '.join(close)}" if close else "timm.list_models() lists them"
+        raise UserError(f"--backbone {backbone!r} is not a timm model; {hint}")
+    if tag and backbone not in timm.list_models(base, pretrained=True):
         tags = ", ".join(timm.list_models(base, pretrained=True)) or "none"
         raise UserError(f"--backbone {backbone!r}: unknown pretrained tag; timm has {tags}")
 
 
+def fixed_input_size(backbone: str) -> bool:
+    """Whether the model is built for one input size (Swin, MaxViT: ``img_size`` at build time)."""
+    cfg = timm.models.get_pretrained_cfg(backbone.partition(".")[0])
+    return bool(getattr(cfg, "fixed_input_size", False))
+
+
+def decoder_levels(backbone: str, reductions: list[int]) -> list[int]:
+    """Indices of the feature maps the decoder uses: the last one at each of DECODER_STRIDES.
+
+    ResNets, EfficientNets and MobileNets also emit a stride-2 map; it is left out."""
+    last = {r: i for i, r in enumerate(reductions)}
+    if any(s not in last for s in DECODER_STRIDES):
+        raise UserError(f"--backbone {backbone}: its feature maps have strides "
+                        f"{', '.join(map(str, reductions))}; the decoder needs 4, 8, 16 and 32 (a "
+                        "hierarchical model such as resnet50, convnext_tiny or swin_tiny_patch4_window7_224)")
+    return [last[s] for s in DECODER_STRIDES]
+
+
 class Encoder(nn.Module):
-    """timm EdgeNeXt returning its four feature maps (strides 4, 8, 16, 32), shallow to deep."""
+    """A timm ``features_only`` backbone returning four NCHW feature maps (strides 4, 8, 16, 32),
+    shallow to deep. ``img_size`` is passed to models built for one input size (Swin)."""
 
     def __init__(self, backbone: str = "edgenext_base", pretrained: bool = True,
-                 pretrained_path: str | None = None, drop_path: float = 0.0):
+                 pretrained_path: str | None = None, drop_path: float = 0.0, img_size: int | None = None):
         super().__init__()
         check_backbone_name(backbone)
         self.backbone = backbone
-        kwargs = dict(features_only=True, drop_path_rate=drop_path)
-        if pretrained_path:
-            self.model = timm.create_model(backbone, pretrained=False, **kwargs)
-            load_weights_file(self.model, pretrained_path, backbone)
-        elif pretrained:
+        kwargs = dict(features_only=True)
+        if drop_path > 0:  # not every model takes drop_path_rate
+            kwargs["drop_path_rate"] = drop_path
+        fixed = fixed_input_size(backbone) and img_size is not None
+        if fixed:
+            kwargs["img_size"] = img_size
+        if pretrained and not pretrained_path:
             self.model = _create_pretrained(backbone, kwargs)
         else:
-            self.model = timm.create_model(backbone, pretrained=False, **kwargs)
+            self.model = create_features_model(backbone, False, kwargs)
+            if pretrained_path:
+                load_weights_file(self.model, pretrained_path, backbone)
         info = self.model.feature_info
-        self.channels: list[int] = list(info.channels())
-        self.reductions: list[int] = list(info.reduction())
+        self.levels: list[int] = decoder_levels(backbone, list(info.reduction()))
+        self.channels: list[int] = [info.channels()[i] for i in self.levels]
+        self.reductions: list[int] = [info.reduction()[i] for i in self.levels]
+        self.nhwc: bool = getattr(getattr(self.model, "output_fmt", "NCHW"), "value", "NCHW") == "NHWC"
         self.stem_modules, self.stage_modules = self._split_stages()
+        if fixed:
+            self._check_input_size(img_size)
 
     def _split_stages(self) -> tuple[list[nn.Module], list[nn.Module]]:
-        """The stem (everything before the first feature stage) and one module per stage.
+        """The stem (everything that runs before the first level the decoder uses) and one part per
+        level: the modules after the previous level's, up to and including its own.
 
-        FeatureListNet flattens ``stages.0`` into a child named ``stages_0``; feature_info says which
-        children emit features. Anything between two feature children is attached to the later one.
-        """
-        outs = {name.replace(".", "_") for name in self.model.feature_info.module_name()}
-        stem, stages, pending = [], [], []
-        for name, child in self.model.named_children():
-            pending.append(child)
-            if name in outs:
-                if not stages and len(pending) > 1:
-                    stem.extend(pending[:-1])
-                    pending = pending[-1:]
-                stages.append(pending[0] if len(pending) == 1 else nn.ModuleList(pending))
-                pending = []
-        return stem, stages
+        Parts follow the order modules are registered in, which is the order they run in. A level's
+        module may be a direct child (FeatureListNet flattens ``stages.0`` into ``stages_0``) or
+        nested (EfficientNet's ``blocks.1``): then its parents are split, and their own parameters
+        (if any) go with what precedes them."""
+        names = self.model.feature_info.module_name()
+        ends = [self._module_path(names[i]) for i in self.levels]
+        parts, pending = [], []
+
+        def walk(module: nn.Module, prefix: str) -> None:
+            own = list(module.parameters(recurse=False))
+            if own:
+                pending.append(nn.ParameterList(own))
+            for name, child in module.named_children():
+                path = prefix + name
+                if path in ends:
+                    parts.append(pending + [child])
+                    pending.clear()
+                elif any(e.startswith(path + ".") for e in ends):
+                    walk(child, path + ".")
+                else:
+                    pending.append(child)
+
+        walk(self.model, "")
+        parts[-1].extend(pending)  # after the deepest level: nothing the decoder sees
+        stem = parts[0][:-1]
+        parts[0] = parts[0][-1:]
+        return stem, [p[0] if len(p) == 1 else nn.ModuleList(p) for p in parts]
+
+    def _module_path(self, name: str) -> str:
+        """Where feature_info's module ``name`` is in ``self.model``: the same path, or its first two
+        levels joined by FeatureListNet (``stages.0`` -> ``stages_0``), or under a wrapper's child."""
+        flat = name.replace(".", "_", 1)
+        for path in (name, flat, "model." + name, "body." + name):
+            try:
+                self.model.get_submodule(path)
+                return path
+            except AttributeError:
+                continue
+        raise UserError(f"--backbone {self.backbone}: cannot find its feature module {name!r} to split "
+                        "the stem and stages for freezing")
+
+    def _check_input_size(self, img_size: int) -> None:
+        """One forward pass at ``img_size`` in eval mode: a size the model's windows cannot tile is one
+        line now rather than a traceback at the first batch."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                self.model(torch.zeros(1, 3, img_size, img_size))
+        except (AssertionError, RuntimeError, ValueError) as e:
+            size = timm.models.get_pretrained_cfg(self.backbone.partition(".")[0]).input_size[-1]
+            raise UserError(f"--backbone {self.backbone} cannot take --img-size {img_size} "
+                            f"({type(e).__name__}: {_first_sentence(e)}); try {size}, its pretrained size"
+                            ) from e
+        finally:
+            self.model.train(was_training)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.model(x)
+        feats = self.model(x)
+        feats = [feats[i] for i in self.levels]
+        return [f.permute(0, 3, 1, 2) for f in feats] if self.nhwc else feats
+
+
+def create_features_model(backbone: str, pretrained: bool, kwargs: dict) -> nn.Module:
+    """``timm.create_model``; a model timm cannot build with ``features_only=True`` (or with the
+    flags given) is one line."""
+    try:
+        return timm.create_model(backbone, pretrained=pretrained, **kwargs)
+    except (AssertionError, AttributeError, NotImplementedError, RuntimeError, TypeError) as e:
+        raise UserError(f"--backbone {backbone} does not build as a features_only backbone "
+                        f"({type(e).__name__}: {_first_sentence(e)}); pick a model with a feature "
+                        "pyramid, e.g. resnet50, convnext_tiny, efficientnet_b3") from e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,7 +184,7 @@ def _create_pretrained(backbone: str, kwargs: dict) -> nn.Module:
     cached = cached_hub_file(backbone)
     if cached is not None:
         log.info("Pretrained weights for %s from the local Hugging Face cache (%s)", backbone, cached)
-        model = timm.create_model(backbone, pretrained=False, **kwargs)
+        model = create_features_model(backbone, False, kwargs)
         load_weights_file(model, cached, backbone)
         return model
     no_net = (f"pretrained weights for {backbone} cannot be downloaded (no network?): use "
@@ -105,7 +193,7 @@ def _create_pretrained(backbone: str, kwargs: dict) -> nn.Module:
         raise UserError(no_net)
     try:
         with _quiet_hub():
-            return timm.create_model(backbone, pretrained=True, **kwargs)
+            return create_features_model(backbone, True, kwargs)
     except OSError as e:  # huggingface_hub's offline and HTTP errors are OSErrors
         raise UserError(f"{no_net} ({type(e).__name__})") from e
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from errors import UserError
 
 DEFAULT_IMG_SIZE = 384
-MIN_IMG_SIZE = 32  # EdgeNeXt downsamples by 32
+MIN_IMG_SIZE = 32  # the deepest feature map the decoder uses is at stride 32
 
 
 @dataclass(frozen=True)

@@ -235,8 +235,8 @@ def test_pretrained_from_local_hub_cache_needs_no_network(monkeypatch, tmp_path)
 
 
 def test_bad_arguments_are_user_errors():
-    with pytest.raises(UserError, match="edgenext_xx_small"):
-        build_model("resnet50", pretrained=False)
+    with pytest.raises(UserError, match="not a timm model; close matches: edgenext_xx_small"):
+        build_model("edgenext_xx_smal", pretrained=False)
     with pytest.raises(UserError, match="--num-experts"):
         build_model(TINY, num_experts=-1, pretrained=False)
     with pytest.raises(UserError, match="--moe-top-k"):

@@ -50,7 +50,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="where --cache keeps its arrays (default: ~/.cache/cod_ultimate/arrays)")
 
     g = p.add_argument_group("model")
-    g.add_argument("--backbone", default=d.backbone, help="any timm edgenext_* model")
+    g.add_argument("--backbone", default=d.backbone,
+                   help="any timm model with features_only (name or name.tag), e.g. edgenext_base, "
+                        "resnet50, pvt_v2_b2, convnext_tiny, swin_tiny_patch4_window7_224, efficientnet_b3, "
+                        "mobilenetv4_conv_medium; its stride 4-32 maps feed the decoder "
+                        "(docs/backbones.md)")
     g.add_argument("--no-pretrained", dest="pretrained", action="store_false",
                    help="start the backbone from random weights (no download)")
     g.add_argument("--pretrained-path", default=None,

@@ -146,7 +146,8 @@ def build_run(cfg: Config, rt: Runtime) -> Run:
     model = build_model(backbone=cfg.backbone, num_experts=cfg.num_experts, moe_top_k=cfg.moe_top_k,
                         deep_supervision=cfg.deep_supervision, pretrained=cfg.pretrained,
                         pretrained_path=cfg.pretrained_path, drop_path=cfg.drop_path,
-                        dropout=cfg.dropout, decoder_channels=cfg.decoder_channels).to(rt.device)
+                        dropout=cfg.dropout, decoder_channels=cfg.decoder_channels,
+                        img_size=cfg.img_size).to(rt.device)
     loss_fn = build_loss(bce_weight=cfg.bce_weight, iou_weight=cfg.iou_weight, dice_weight=cfg.dice_weight,
                          moe_aux_weight=cfg.moe_aux_weight, ds_weights=cfg.ds_weights,
                          label_smoothing=cfg.label_smoothing)
