@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 
-from errors import UserError
+from core.errors import UserError
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 

@@ -20,7 +20,7 @@ import re
 import sys
 
 from deps import check_dependencies
-from errors import UserError
+from core.errors import UserError
 from training.control import RunInterrupted
 
 # A value that starts with '-' and a digit is a (negative) value, not a flag: argparse's own pattern
@@ -89,17 +89,17 @@ def main(argv=None) -> int:
             fit(config_from_args(args), argv=argv)
         elif args.command == "schedule":
             from training.flags import config_from_args
-            from training.preview import preview_schedule
+            from tools.schedule import preview_schedule
 
             preview_schedule(config_from_args(args), args.steps_per_epoch, args.out, args.plot)
         elif args.command == "lr-find":
             from training.flags import config_from_args
-            from training.lr_find import LRFindOptions, lr_find
+            from tools.lr_find import LRFindOptions, lr_find
 
             lr_find(config_from_args(args), LRFindOptions(args.stage, args.lr_find_steps, args.lr_find_start,
                                                           args.lr_find_end))
         elif args.command == "compare":
-            from training.compare import compare_runs
+            from tools.compare import compare_runs
 
             compare_runs(args.run_dirs, args.out, args.metric)
         elif args.command == "evaluate":

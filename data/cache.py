@@ -45,7 +45,7 @@ import cv2
 import numpy as np
 from numpy.lib.format import open_memmap
 
-from errors import UserError
+from core.errors import UserError
 
 from .dataset import read_resized
 from .discovery import CACHE_ROOT, Sample

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from errors import UserError
+from core.errors import UserError
 
 from .discovery import Sample
 from .images import load_image, load_mask

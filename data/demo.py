@@ -27,7 +27,7 @@ import tempfile
 import cv2
 import numpy as np
 
-from errors import UserError
+from core.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from errors import UserError
+from core.errors import UserError
 
 from .images import IMAGE_EXTS, MASK_EXTS
 

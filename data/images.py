@@ -14,7 +14,7 @@ import os
 import cv2
 import numpy as np
 
-from errors import UserError
+from core.errors import UserError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 MASK_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")

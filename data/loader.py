@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from errors import UserError
+from core.errors import UserError
 
 
 def mix_seeds(*values: int) -> int:

@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from errors import UserError
+from core.errors import UserError
 
 from .discovery import Sample
 from .images import load_image, load_mask

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
-from errors import UserError
+from core.errors import UserError
 
 from .images import resize_mask
 

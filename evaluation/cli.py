@@ -13,7 +13,7 @@ import dataclasses
 
 from evaluation.evaluate import MODEL_FIELDS, TTA_MODES, EvalOptions, InferenceOptions, evaluate_checkpoint
 from evaluation.predict import PredictOptions, predict_images
-from training.runtime import AMP_MODES
+from core.runtime import AMP_MODES
 
 
 def _add_inference_arguments(p: argparse.ArgumentParser) -> None:

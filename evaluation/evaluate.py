@@ -14,7 +14,6 @@ beside the model (``evaluation.pool``; 0: in this process). One table, ``eval_re
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 from contextlib import nullcontext
@@ -26,14 +25,15 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 import data as cod_data
+from core import checkpoint as ckpt
+from core.errors import UserError
+from core.io import atomic_write, write_json
+from core.runtime import AMP_MODES, Runtime
 from data.transforms import normalize, resize_pair
-from errors import UserError
 from evaluation.metrics import DEFAULT_THRESHOLD, METRIC_KEYS, format_table
 from evaluation.pool import MetricPool, default_metric_workers
 from evaluation.scorer import Scorer
 from models import DEFAULT_IMG_SIZE, ModelSpec, build_model, check_img_size
-from training import state as ckpt
-from training.runtime import AMP_MODES, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -268,9 +268,8 @@ def evaluate_checkpoint(opts: EvalOptions) -> dict:
 def write_results(report: dict, out_dir: str) -> None:
     try:
         os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "eval_results.json"), "w") as f:
-            json.dump(report, f, indent=2)
-        with open(os.path.join(out_dir, "eval_results.csv"), "w", newline="") as f:
+        write_json(os.path.join(out_dir, "eval_results.json"), report)
+        with atomic_write(os.path.join(out_dir, "eval_results.csv"), "w") as f:
             w = csv.writer(f)
             w.writerow(["dataset", "images", *METRIC_KEYS])
             for name, row in report["results"].items():

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 import data as cod_data
-from errors import UserError
+from core.errors import UserError
 from evaluation.metrics import DEFAULT_THRESHOLD, SegMetrics
 from evaluation.scorer import Scorer
 

@@ -22,7 +22,7 @@ import numpy as np
 
 import data as cod_data
 from data.images import IMAGE_EXTS
-from errors import UserError, check_output_file
+from core.errors import UserError, check_output_file
 from evaluation.evaluate import InferenceOptions, iterate_probs, load_model
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ import timm
 import torch
 from torch import nn
 
-from errors import UserError
+from core.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from errors import UserError
+from core.errors import UserError
 
 DEFAULT_IMG_SIZE = 384
 MIN_IMG_SIZE = 32  # the deepest feature map the decoder uses is at stride 32

@@ -14,7 +14,7 @@ from torch import nn
 
 import train_ultimate
 from data import make_demo_dataset
-from errors import UserError
+from core.errors import UserError
 from losses import build_loss
 from models import build_model
 from models.cod_model import _is_norm

@@ -18,7 +18,7 @@ import torch
 import data.cache as cache_mod
 import train_ultimate
 from data import Sample, SegDataset, aug_preset, build_cache, build_loader, make_demo_dataset
-from errors import UserError
+from core.errors import UserError
 from training.config import Config
 
 SIZE = 32

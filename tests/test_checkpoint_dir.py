@@ -12,7 +12,7 @@ import pytest
 
 import train_ultimate
 from data import make_demo_dataset
-from training import state as ckpt
+from core import checkpoint as ckpt
 from training.folder import FolderLock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,7 +12,7 @@ import torch
 
 import train_ultimate
 from data import make_demo_dataset
-from training import state as ckpt
+from core import checkpoint as ckpt
 from training import loop, trainer
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

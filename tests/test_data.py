@@ -29,7 +29,7 @@ from data import (
 )
 from data.images import resize_mask
 from data.transforms import build_augmentation, resize_pair
-from errors import UserError
+from core.errors import UserError
 
 KVASIR = "/work/shared/data/kvasir_seg"
 

@@ -32,9 +32,10 @@ from torch.nn.parallel import DistributedDataParallel
 import train_ultimate
 from data import make_demo_dataset
 from tests.test_signals import DRIVER
-from training import loop, state as ckpt, trainer
+from core import checkpoint as ckpt
+from training import loop, trainer
 from training.config import Config
-from training.runtime import DistributedRuntime, Runtime
+from core.runtime import DistributedRuntime, Runtime
 from training.setup import load_data, make_loader, seed_everything
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -20,12 +20,12 @@ import torch
 
 import train_ultimate
 from data import find_dataset, load_image, load_mask, make_demo_dataset
-from errors import UserError
+from core.errors import UserError
 from evaluation import METRIC_KEYS, SegMetrics
 from evaluation.cli import add_evaluate_arguments, add_predict_arguments, run_evaluate, run_predict
 from evaluation.evaluate import predict_probs
 from models import build_model
-from training import state as ckpt
+from core import checkpoint as ckpt
 
 # The numbers here are checked against an fp32 CPU path done by hand, so the commands run on the CPU
 # too (fp32 by construction); tests/test_cuda.py covers the CUDA paths with their own tolerances.

@@ -14,7 +14,7 @@ import torch
 import schedulers
 import train_ultimate
 from data import make_demo_dataset
-from training import state as ckpt
+from core import checkpoint as ckpt
 from training import trainer
 from training.guards import DivergenceGuard, RollbackNeeded
 
@@ -231,7 +231,7 @@ def test_after_a_collapse_the_advice_is_best_model(root, tmp_path, monkeypatch, 
     scores = iter([0.4, 0.1])
 
     def fake_validate(run, loader):
-        if run.counters.epoch >= 1:  # epoch 3: diverge for good
+        if run.progress.epoch >= 1:  # epoch 3: diverge for good
             raise trainer.TrainingDiverged("the model's predictions became NaN or inf (val)")
         return {**FLAT, "iou": next(scores)}
 

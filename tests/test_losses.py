@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from errors import UserError
+from core.errors import UserError
 from losses import TERMS, DiceLoss, StructureLoss, WeightedBCE, WeightedIoU, build_loss
 from losses import functional as LF
 

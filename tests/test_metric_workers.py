@@ -18,7 +18,7 @@ import torch
 
 import train_ultimate
 from data import make_demo_dataset
-from errors import UserError
+from core.errors import UserError
 from evaluation.pool import CHUNK, MetricPool, PoolScorer, default_metric_workers
 from evaluation.scorer import Scorer
 from losses import build_loss
@@ -26,7 +26,7 @@ from models import build_model
 from tests.test_signals import finish, wait_for
 from training import loop
 from training.config import Config
-from training.runtime import Runtime
+from core.runtime import Runtime
 from training.setup import load_data, make_loader
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,7 +7,7 @@ import timm
 import torch
 from torch import nn
 
-from errors import UserError
+from core.errors import UserError
 from models import build_model
 from models.experts import MoEBlock, load_balance_loss, top_k_weights
 

@@ -11,7 +11,7 @@ import torch
 import schedulers
 import train_ultimate
 from data import make_demo_dataset
-from training import state as ckpt
+from core import checkpoint as ckpt
 from training import loop
 
 # accumulation 2 with 3 batches (a partial last group), warm-up, progressive unfreeze, deep

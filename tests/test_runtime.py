@@ -4,9 +4,9 @@ runs without one), and the single-process runtime's step."""
 import pytest
 import torch
 
-from errors import UserError
-from training import runtime
-from training.runtime import Runtime, choose_precision
+from core.errors import UserError
+from core import runtime
+from core.runtime import Runtime, choose_precision
 
 
 @pytest.fixture

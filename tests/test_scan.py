@@ -10,7 +10,7 @@ import pytest
 
 from data import Sample, find_dataset, make_demo_dataset
 from data.scan import EMPTY_FRACTION, scan_samples
-from errors import UserError
+from core.errors import UserError
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import data
 import train_ultimate
 from data import make_demo_dataset
 from tests.test_resume import assert_same_run
-from training import state as ckpt
+from core import checkpoint as ckpt
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from errors import UserError
+from core.errors import UserError
 from training.config import Config
 from training.stages import (batches_per_epoch, plan_stages, stage_of_epoch, steps_per_epoch,
                              unfreeze_level)

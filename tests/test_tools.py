@@ -20,7 +20,7 @@ import torch
 import train_ultimate
 from data import make_demo_dataset
 from training.curves import draw_curves
-from training.lr_find import LRFindResult, suggest
+from tools.lr_find import LRFindResult, suggest
 from training.tb_logger import TensorBoardLogger
 
 TINY = ["--backbone", "edgenext_xx_small", "--no-pretrained", "--img-size", "64", "--num-workers", "0",

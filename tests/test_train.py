@@ -10,8 +10,8 @@ import torch
 
 import train_ultimate
 from data import make_demo_dataset
-from errors import UserError
-from training import state as ckpt
+from core.errors import UserError
+from core import checkpoint as ckpt
 
 TINY = ["--backbone", "edgenext_xx_small", "--no-pretrained", "--img-size", "64", "--num-workers", "0",
         "--no-progress", "--num-experts", "3", "--batch-size", "4"]

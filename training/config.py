@@ -16,7 +16,7 @@ from typing import Optional
 
 from data.cache import DEFAULT_CACHE_DIR
 from data.discovery import DEFAULT_SEED
-from errors import UserError
+from core.errors import UserError
 from evaluation.metrics import DEFAULT_THRESHOLD
 from evaluation.pool import default_metric_workers
 from models.spec import DEFAULT_IMG_SIZE, ModelSpec, check_img_size

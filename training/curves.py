@@ -23,7 +23,7 @@ import os
 from typing import Iterable, Optional
 
 from evaluation.metrics import HEADERS
-from training.runlog import atomic_open
+from core.io import atomic_write
 
 log = logging.getLogger("cod")
 
@@ -168,5 +168,5 @@ def _draw(path: str, rows: list, lr_steps: list, events: list) -> None:
                  fontsize=10, x=0.01, ha="left")
     h = fig.get_figheight()
     fig.subplots_adjust(left=0.08, right=0.8, top=1 - 0.45 / h, bottom=0.5 / h, hspace=0.12)
-    with atomic_open(path, "wb") as f:
+    with atomic_write(path, "wb") as f:
         fig.savefig(f, format="png")

@@ -9,7 +9,7 @@ import argparse
 import dataclasses
 
 from training.config import AUG_PRESETS, MONITOR_CHOICES, RESUME_SCHEDULES, SCHEDULERS, Config
-from training.runtime import AMP_MODES
+from core.runtime import AMP_MODES
 
 
 def _bool_flag(parser, name: str, help: str, default: bool = False) -> None:

@@ -17,8 +17,8 @@ import shutil
 import time
 from typing import Optional
 
-from errors import UserError
-from training import state
+from core.errors import UserError
+from core import checkpoint
 from training.config import Config
 
 log = logging.getLogger("cod")
@@ -129,7 +129,7 @@ def what_is_kept(cfg: Config) -> str:
     for name in ("last.pth", "best_model.pth"):
         path = os.path.join(cfg.checkpoint_dir, name)
         if os.path.isfile(path):
-            kept.append(f"{name} keeps epoch {state.load(path)['epoch'] + 1}")
+            kept.append(f"{name} keeps epoch {checkpoint.load(path)['epoch'] + 1}")
     return ", ".join(kept)
 
 
@@ -140,7 +140,7 @@ def next_periodic_copy(run, epoch: int) -> Optional[tuple[str, list]]:
     this folder are listed: a file of that name that the run did not write is never replaced (the
     copy takes the next free name, epoch_NNNN-1.pth, ...) nor deleted; nor are the copies a resumed
     checkpoint lists in another folder."""
-    cfg, c = run.cfg, run.counters
+    cfg, c = run.cfg, run.progress
     if not cfg.save_every or (epoch + 1) % cfg.save_every:
         return None
     folder = os.path.realpath(cfg.checkpoint_dir)
@@ -161,7 +161,7 @@ def write_periodic_copy(run, full: dict, copy: Optional[tuple[str, list]]) -> No
     """Write what ``next_periodic_copy`` planned: the copy, then delete the copies it drops."""
     if copy is not None:
         name, dropped = copy
-        state.save(full, os.path.join(run.cfg.checkpoint_dir, name))
+        checkpoint.save(full, os.path.join(run.cfg.checkpoint_dir, name))
         for old in dropped:  # copies this run wrote in this folder (next_periodic_copy)
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(run.cfg.checkpoint_dir, old))

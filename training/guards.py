@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from errors import UserError
+from core.errors import UserError
 from evaluation.metrics import resolve_monitor
-from training.state import Counters
-from training.state import load as load_checkpoint
+from training.progress import Progress
+from core.checkpoint import load as load_checkpoint
 
 if TYPE_CHECKING:
     from training.config import Config
@@ -106,7 +106,7 @@ class DivergenceGuard:
                 raise RollbackNeeded(f"{name} {value:.4g} above {factor:g} x the run's lowest loss {lowest:.4g}")
 
 
-def lr_factor(c: Counters, global_step: int) -> float:
+def lr_factor(c: Progress, global_step: int) -> float:
     """What multiplies the scheduled LR: the rollbacks' back-off, ramped up linearly over the steps
     after the last rollback."""
     if c.warmup_from is None or c.warmup_steps <= 0:
@@ -132,7 +132,7 @@ def _to_cpu(x):
 
 def rollback(run, good: dict, reason: str, epoch: int, steps_per_epoch: int) -> None:
     """Restore ``good`` (a ``snapshot``) into ``run`` and lower the LR; or stop after too many."""
-    cfg, c = run.cfg, run.counters
+    cfg, c = run.cfg, run.progress
     done = c.rollbacks
     if done >= cfg.max_rollbacks:
         raise TrainingDiverged(f"diverged in epoch {epoch + 1} ({reason}) after {done} rollback(s) "
@@ -151,7 +151,7 @@ def rollback(run, good: dict, reason: str, epoch: int, steps_per_epoch: int) -> 
              cfg.max_rollbacks)
 
 
-def count_plateau(cfg: Config, c: Counters, stage_index: int, gain: float) -> None:
+def count_plateau(cfg: Config, c: Progress, stage_index: int, gain: float) -> None:
     """After an epoch whose monitored value beat the best by ``gain`` (inf for the first, -inf for a
     non-finite value): the plateau breaker's count of stage-2 epochs without a gain above
     ``--plateau-min-delta``. Stage 1 never counts: the count starts with stage 2."""
@@ -161,7 +161,7 @@ def count_plateau(cfg: Config, c: Counters, stage_index: int, gain: float) -> No
         c.plateau_bad = 0 if gain > cfg.plateau_min_delta else c.plateau_bad + 1
 
 
-def plateau_reached(cfg: Config, c: Counters, epoch: int) -> bool:
+def plateau_reached(cfg: Config, c: Progress, epoch: int) -> bool:
     """Stage 2, patience run out, restarts left."""
     return (cfg.plateau_patience is not None and epoch >= cfg.stage1_epochs and epoch + 1 < cfg.epochs
             and c.plateau_bad >= cfg.plateau_patience and c.plateau_restarts < cfg.plateau_max_restarts)
@@ -170,7 +170,7 @@ def plateau_reached(cfg: Config, c: Counters, epoch: int) -> bool:
 def plateau_restart(run, epoch: int, best: Optional[dict]) -> None:
     """Restart the schedule at ``epoch + 1`` with its peak x ``--plateau-lr-factor``, from the best
     weights (``best``, a checkpoint dict) or the current ones. The counters go on."""
-    cfg, c = run.cfg, run.counters
+    cfg, c = run.cfg, run.progress
     source = "the current weights"
     if cfg.plateau_from == "best" and best is not None:
         run.state.load_weights(best, "best_model.pth", quiet=True)  # the counters and the RNG go on

@@ -20,9 +20,9 @@ from evaluation.pool import MetricPool
 from training.config import Config
 from training.control import StopRequest
 from training.guards import DivergenceGuard, RollbackNeeded, TrainingDiverged, lr_factor
-from training.runtime import Runtime
+from core.runtime import Runtime
 from training.stages import Stage, steps_per_epoch
-from training.state import Counters, RunState
+from training.progress import Progress, RunState
 
 
 @dataclass
@@ -52,8 +52,8 @@ class Run:
         self.state.guard = guard
 
     @property
-    def counters(self) -> Counters:
-        return self.state.counters
+    def progress(self) -> Progress:
+        return self.state.progress
 
     def eval_model(self) -> torch.nn.Module:
         """The weights validation scores: the EMA's when there is one."""
@@ -66,7 +66,7 @@ def optimizer_step(run: Run, loss: torch.Tensor) -> None:
     stepped = run.rt.step(run.state.optimizer, run.net, run.cfg.grad_clip, check_finite=run.guard is not None)
     if stepped and run.state.ema is not None:
         run.state.ema.update(run.net)
-    run.counters.global_step += 1
+    run.progress.global_step += 1
     if run.guard is not None:
         reason = run.guard.after_step(float(loss), stepped)
         if run.rt.any(reason is not None):
@@ -109,7 +109,7 @@ def train_one_epoch(run: Run, loader, stage_plan, stage: Stage, epoch: int,
     usage = (torch.tensor(partial["usage"], device=rt.device)
              if partial and partial.get("usage") is not None else None)
     head_lr = (stage_plan.lr_at(k0 + max(done - 1, 0) // accum)  # the LR of the last update done
-               * lr_factor(run.counters, run.counters.global_step - 1))
+               * lr_factor(run.progress, run.progress.global_step - 1))
 
     def progress(batches: int) -> dict:
         means = mean_over_processes(rt, {"sums": {k: float(v) for k, v in sums.items()},
@@ -127,7 +127,7 @@ def train_one_epoch(run: Run, loader, stage_plan, stage: Stage, epoch: int,
         group = i // accum
         group_size = min(accum, n_batches - group * accum)
         if i % accum == 0:
-            head_lr = stage_plan.lr_at(k0 + group) * lr_factor(run.counters, run.counters.global_step)
+            head_lr = stage_plan.lr_at(k0 + group) * lr_factor(run.progress, run.progress.global_step)
             schedulers.apply_lr(run.state.optimizer, head_lr)
             group_loss = 0.0
         image = batch["image"].to(rt.device, non_blocking=True)

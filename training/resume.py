@@ -14,7 +14,7 @@ import shutil
 import time
 from typing import Optional
 
-from training import state as ckpt
+from core import checkpoint as ckpt
 from training.config import Config
 
 log = logging.getLogger("cod")
@@ -75,7 +75,7 @@ def archive_abandoned_history(metrics_csv: str, keep_through_epoch: int) -> Opti
 def resume_run(run) -> None:
     """Restore what ``--resume-from`` holds into ``run`` (a ``training.loop.Run``) and decide the
     schedule. A weights-only file starts a fresh schedule from those weights."""
-    cfg, c = run.cfg, run.counters
+    cfg, c = run.cfg, run.progress
     obj = ckpt.load(cfg.resume_from)
     if not ckpt.is_full_checkpoint(obj):
         ckpt.load_model_weights(run.net, ckpt.model_state_of(obj), cfg.resume_from)

@@ -11,11 +11,10 @@ import csv
 import logging
 import math
 import os
-import tempfile
-from contextlib import contextmanager
 from logging.handlers import MemoryHandler
 from typing import Optional
 
+from core.io import atomic_write
 from training.config import Config
 
 log = logging.getLogger("cod")
@@ -43,12 +42,10 @@ def write_metrics_csv(history: list, path: str) -> None:
     columns: list[str] = []
     for row in history:
         columns += [k for k in row if k not in columns]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path) as f:
         f.write(",".join(columns) + "\n")
         for row in history:
             f.write(",".join(_fmt(row.get(c, "")) for c in columns) + "\n")
-    os.replace(tmp, path)
 
 
 def read_metrics_csv(path: str) -> list[dict]:
@@ -69,26 +66,6 @@ def read_metrics_csv(path: str) -> list[dict]:
             parsed[k] = int(x) if k in ("epoch", "stage", "unfreeze_level") and x.is_integer() else x
         out.append(parsed)
     return out
-
-
-@contextmanager
-def atomic_open(path: str, mode: str = "w"):
-    """``with atomic_open(path, "wb") as f``: write a temporary file beside ``path``, then
-    ``os.replace`` it over ``path``; on an error the temporary file is removed and ``path`` untouched."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # what open() would have given, not mkstemp's 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _fmt(v) -> str:

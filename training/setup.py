@@ -15,9 +15,9 @@ from torch.utils.data import DistributedSampler
 import data as cod_data
 import schedulers
 from data.scan import EMPTY_FRACTION
-from errors import UserError
+from core.errors import UserError
 from training.config import Config
-from training.runtime import Runtime
+from core.runtime import Runtime
 from training.stages import Stage, batches_per_epoch, steps_per_epoch
 
 log = logging.getLogger("cod")

@@ -104,7 +104,7 @@ def steps_per_epoch(num_batches: int, accumulation_steps: int) -> int:
 def current_unfreeze_level(run, epoch: int) -> int:
     """The plan's level, never below what the run already unfroze (a resume with a larger --epochs
     recomputes the interval; what was trained stays trainable)."""
-    c = run.counters
+    c = run.progress
     level = unfreeze_level(run.cfg, epoch, run.net.num_backbone_stages)
     if epoch >= run.cfg.stage1_epochs:
         level = max(level, c.unfreeze_floor)
@@ -118,7 +118,7 @@ def log_unfreeze_plan(run, start_epoch: int) -> None:
         return
     steps, last = [], None
     for e in range(max(start_epoch, cfg.stage1_epochs), cfg.epochs):
-        level = max(unfreeze_level(cfg, e, n), run.counters.unfreeze_floor)
+        level = max(unfreeze_level(cfg, e, n), run.progress.unfreeze_floor)
         if level != last:
             steps.append(f"epoch {e + 1}: {level}")
             last = level

@@ -11,7 +11,6 @@ torchrun every process runs this same code; only the main one (rank 0) writes fi
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -28,7 +27,8 @@ from evaluation.pool import MetricPool
 from losses import build_loss
 from models import build_model
 from models.flops import forward_gflops
-from training import state as ckpt
+from core import checkpoint as ckpt
+from core.io import write_json
 from training.config import Config
 from training.control import RunInterrupted, StopRequest, TimeBudget, continue_command
 from training.curves import draw_curves, lr_steps_from_plan
@@ -40,11 +40,11 @@ from training.loop import Run, TrainingDiverged, train_one_epoch, validate  # no
 from training.resume import resume_run
 from training.runlog import (format_epoch_line, log_model_summary, setup_logging, start_logging, stop_buffering,
                              write_metrics_csv)
-from training.runtime import Runtime, make_runtime
+from core.runtime import Runtime, make_runtime
 from training.setup import (build_optimizer, load_data, make_loader, make_lr_plan, prepare_cache,
                             seed_everything, train_samples_per_process)
 from training.stages import Stage, current_unfreeze_level, log_unfreeze_plan, plan_stages
-from training.state import RunState
+from training.progress import RunState, rng_state
 from training.tb_logger import TensorBoardLogger
 
 log = logging.getLogger("cod")
@@ -76,12 +76,11 @@ def _fit(cfg: Config, rt: Runtime, argv: Optional[list]) -> dict:
         if rt.is_main:  # only once the data, the model and the resume are known to work
             if cfg.overwrite:
                 move_aside(cfg.checkpoint_dir)
-            with open(os.path.join(cfg.checkpoint_dir, "config.json"), "w") as f:
-                json.dump(cfg.to_dict(), f, indent=2)
+            write_json(os.path.join(cfg.checkpoint_dir, "config.json"), cfg.to_dict())
             setup_logging(cfg.checkpoint_dir, early)
     finally:
         stop_buffering(early)
-    c = run.counters
+    c = run.progress
     start_epoch = c.partial["epoch"] if c.partial else c.epoch + 1
     if cfg.skip_stage1 and start_epoch < cfg.stage1_epochs:
         log.info("--skip-stage1: stage 2 starts at epoch %d from %s", cfg.stage1_epochs + 1,
@@ -163,7 +162,7 @@ def run_stage(run: Run, stage: Stage, stage_plan, first_epoch: int, train_sample
               budget: TimeBudget, argv: Optional[list]) -> str:
     """The epochs of one stage from ``first_epoch`` on: 'done', 'early stop' or 'stopped' (a time
     or epoch limit; a signal raises ``RunInterrupted`` once ``last.pth`` is saved)."""
-    cfg, rt, c = run.cfg, run.rt, run.counters
+    cfg, rt, c = run.cfg, run.rt, run.progress
     last_path = os.path.join(cfg.checkpoint_dir, "last.pth")
     train_loader = make_loader(cfg, rt, train_samples, stage.batch_size, train=True, seed_offset=stage.index)
     val_loader = make_loader(cfg, rt, val_samples, stage.batch_size, train=False) if val_samples else None
@@ -234,7 +233,7 @@ def end_of_epoch(run: Run, stage: Stage, epoch: int, level: int, train_stats: di
     epoch's weights), let the plateau breaker restart the schedule, then save last.pth (what the next
     epoch starts from, so a stop now resumes the restart), the periodic copy and metrics.csv.
     True when the plateau breaker restarted the schedule."""
-    cfg, c, rt = run.cfg, run.counters, run.rt
+    cfg, c, rt = run.cfg, run.progress, run.rt
     monitor_key, higher_is_better = resolve_monitor(cfg.monitor)
     if not val_stats:  # no validation split: the training loss is what is monitored
         monitor_key, higher_is_better = "train_loss", False
@@ -279,7 +278,7 @@ def end_of_epoch(run: Run, stage: Stage, epoch: int, level: int, train_stats: di
 def checkpoint_state(run: Run, stage: Stage, level: int) -> Optional[dict]:
     """The run's state as a checkpoint dict on the main process (None on the others). Every process
     takes part: the RNG states of all of them go into it. Non-finite weights are never saved."""
-    rng_ranks = run.rt.gather(ckpt.rng_state()) if run.rt.world_size > 1 else None
+    rng_ranks = run.rt.gather(rng_state()) if run.rt.world_size > 1 else None
     if not bool(torch.stack([torch.isfinite(p).all() for p in run.net.parameters()]).all()):
         raise TrainingDiverged("the weights became NaN or inf")  # never saved
     return run.state.state_dict(stage.index + 1, level, rng_ranks) if run.rt.is_main else None
@@ -310,13 +309,13 @@ def stop_reason(cfg: Config, budget: TimeBudget) -> Optional[str]:
 
 def best_text(run: Run) -> str:
     """'iou 0.4612 at epoch 8', naming what was monitored ('train loss' without a validation split)."""
-    c = run.counters
+    c = run.progress
     name = run.cfg.monitor if any(k.startswith("val_") for r in c.history for k in r) else "train loss"
     return f"{name} " + ("none" if c.best_value is None else f"{c.best_value:.4f} at epoch {c.best_epoch + 1}")
 
 
 def summary(run: Run, finished: bool) -> dict:
-    c = run.counters
+    c = run.progress
     return {"best_value": c.best_value, "best_epoch": c.best_epoch, "history": c.history, "finished": finished}
 
 
@@ -344,6 +343,6 @@ def evaluate_test_sets(run: Run, index) -> dict:
                 128 + run.stop.signum)
     log.info("Test split (best_model.pth, epoch %d):\n%s", best["epoch"] + 1, format_table(results))
     if rt.is_main:
-        with open(os.path.join(cfg.checkpoint_dir, "test_metrics.json"), "w") as f:
-            json.dump({"checkpoint": best_path, "epoch": best["epoch"] + 1, "results": results}, f, indent=2)
+        write_json(os.path.join(cfg.checkpoint_dir, "test_metrics.json"),
+                   {"checkpoint": best_path, "epoch": best["epoch"] + 1, "results": results})
     return results

@@ -6,7 +6,7 @@ import logging
 from typing import Optional
 
 import schedulers
-from errors import UserError, check_output_file
+from core.errors import UserError, check_output_file
 from training.config import Config
 from training.stages import plan_stages
 

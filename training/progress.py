@@ -1,4 +1,4 @@
-"""The run's state as one plain dict, and checkpoints of it that survive interruption.
+"""The run's progress and state as one plain dict: what a checkpoint holds, and how it comes back.
 
 ``RunState.state_dict()`` is what a checkpoint holds, a plain dict of tensors, numbers, strings, lists
 and dicts (no pickled classes), so ``torch.load(weights_only=True)`` reads it:
@@ -8,161 +8,27 @@ and dicts (no pickled classes), so ``torch.load(weights_only=True)`` reads it:
     partial, periodic_copies [names], periodic_dir, guards {...}, divergence_guard {losses, bad_in_row,
     first}, rng {...}, rng_ranks [...], world_size, config {...}
 
-``RunState.load_state_dict(obj)`` puts it back onto the run's device: resuming from a file and rolling
-back to a state kept in memory are the same call. ``save`` writes a temporary file in the same
-folder, fsyncs it and ``os.replace``s it over the target, so a kill at any moment leaves either the
-old file or the new one, never half of one.
+``RunState`` restores the weights (``load_weights``: model, EMA, optimizer moments, loss scale) and
+the progress (``load_progress``: ``Progress``, the guard's window, RNG) separately: a resume and a
+rollback load both, the plateau breaker's restart from the best weights only the weights. Writing
+and reading the files is ``core.checkpoint``'s.
 """
 
 from __future__ import annotations
 
 import copy
-import errno
 import logging
-import os
 import random
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from errors import UserError
+from core.checkpoint import load_model_weights, model_state_of, unwrap
 
 FORMAT_VERSION = 1
 log = logging.getLogger("cod")
-
-
-def _write(state: dict, f) -> None:
-    torch.save(state, f)
-
-
-def save(state: dict, path: str) -> None:
-    """Atomic: the previous file at ``path`` stays whole until the new one is complete. A full disk
-    or an unwritable folder is a UserError saying so (the previous file is still there)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = None
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
-        with os.fdopen(fd, "wb") as f:
-            _write(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp and os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, RuntimeError) and "unexpected pos" in str(e):  # torch's zip writer on ENOSPC
-            e = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        if isinstance(e, OSError):
-            kept = f"the previous {os.path.basename(path)} is kept" if os.path.exists(path) else \
-                f"no {os.path.basename(path)} was written"
-            what = "no space left in" if e.errno == errno.ENOSPC else f"cannot write ({e.strerror or e}) to"
-            raise UserError(f"{what} {folder} while saving {os.path.basename(path)}: {kept}; free space "
-                            "or fix the folder, then resume with --resume-from its last.pth") from None
-        raise
-
-
-def load(path: str) -> dict:
-    """Load a checkpoint or a bare state_dict; a missing or unreadable file is a UserError.
-
-    What torch.save wrote is a zip archive (its end record, which a cut-short copy lacks, lists a
-    ``<name>/data.pkl``) or, in its legacy format, a pickle."""
-    import zipfile
-
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint not found: {path} (check --resume-from / --checkpoint)")
-    with open(path, "rb") as f:
-        head = f.read(8)
-    size, again = os.path.getsize(path), "copy it again, or pass another checkpoint (e.g. best_model.pth)"
-    truncated = f"{path} is truncated ({size} bytes), probably an interrupted copy: {again}"
-    not_torch = (f"{path} is not a checkpoint (not a file torch.save wrote): pass the last.pth or "
-                 "best_model.pth of a run, or a state_dict saved with torch.save")
-    if size == 0:
-        raise UserError(f"{path} is empty (0 bytes), probably an interrupted copy: {again}")
-    if head.startswith(b"PK\x03\x04"):
-        try:
-            with zipfile.ZipFile(path) as z:
-                names = z.namelist()
-        except zipfile.BadZipFile:  # no end record: the end of the file is missing
-            raise UserError(truncated) from None
-        if not any(n.endswith("/data.pkl") for n in names):
-            raise UserError(not_torch)
-    elif not head.startswith(b"\x80"):  # a pickle (protocol 2 or later)
-        raise UserError(not_torch)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except EOFError:  # a legacy-format file cut short
-        raise UserError(truncated) from None
-    except Exception as e:  # pickled objects, damage inside
-        text = " ".join(str(e).split())
-        if "Weights only load failed" in text:
-            raise UserError(f"{path} holds pickled Python objects, which loading with weights_only=True "
-                            "refuses: if you trust the file, re-save its tensors as a plain dict") from None
-        raise UserError(f"cannot read checkpoint {path}: {text.split('. ')[0][:200] or type(e).__name__} "
-                        "(is it a complete .pth written by torch.save?)") from None
-    if not isinstance(obj, dict):
-        raise UserError(f"{path} holds a {type(obj).__name__}, not a checkpoint or state_dict")
-    return obj
-
-
-def is_full_checkpoint(obj: dict) -> bool:
-    return "format_version" in obj and "model" in obj
-
-
-def model_state_of(obj: dict) -> dict:
-    """The model weights inside a full checkpoint, a {'state_dict': ...} wrapper or a bare state_dict."""
-    for key in ("model", "state_dict", "model_state_dict"):
-        if key in obj and isinstance(obj[key], dict):
-            return obj[key]
-    return obj
-
-
-def strip_module_prefix(state: dict) -> dict:
-    """Remove the ``module.`` prefix that DataParallel/DDP add, so either kind loads anywhere."""
-    if state and all(k.startswith("module.") for k in state):
-        return {k[len("module."):]: v for k, v in state.items()}
-    return state
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
-
-
-def load_model_weights(model: torch.nn.Module, state: dict, path: str) -> None:
-    """Load weights strictly, except for parts the model marks optional (``optional_state_prefixes``,
-    e.g. the deep-supervision side heads): switching ``--deep-supervision`` on when resuming starts
-    those heads fresh, switching it off drops them. Both are logged."""
-    state = strip_module_prefix(state)
-    target = unwrap(model)
-    optional = tuple(getattr(target, "optional_state_prefixes", ()))
-    missing, unexpected = _key_diff(target.state_dict(), state)
-    if any(not k.startswith(optional) for k in missing + unexpected) or not optional:
-        try:
-            target.load_state_dict(state, strict=True)
-            return
-        except RuntimeError:
-            raise UserError(
-                f"weights in {path} do not fit this model ({len(missing)} missing, {len(unexpected)} "
-                f"unexpected keys, e.g. {(missing or unexpected)[:2]}): use the same --backbone, "
-                "--num-experts and --decoder-channels as the run that wrote it") from None
-    target.load_state_dict({k: v for k, v in state.items() if k not in unexpected}, strict=False)
-    if missing:
-        log.info("Weights: %d tensors of %s are new in this model (%s...): they start fresh",
-                 len(missing), path, missing[0])
-    if unexpected:
-        log.info("Weights: %d tensors in %s are not used by this model (%s...): dropped",
-                 len(unexpected), path, unexpected[0])
-
-
-def _key_diff(expected: dict, got: dict) -> tuple[list, list]:
-    missing = [k for k in expected if k not in got]
-    unexpected = [k for k in got if k not in expected]
-    if not missing and not unexpected:  # same keys: a shape mismatch
-        missing = [k for k in expected if tuple(expected[k].shape) != tuple(got[k].shape)]
-    return missing, unexpected
 
 
 # ---- RNG state as plain data ------------------------------------------------------------------
@@ -208,8 +74,9 @@ def _to_tuple(x):
 # ---- the run's state ----------------------------------------------------------------------------
 
 @dataclass
-class Counters:
-    """The numbers a checkpoint restores; everything else is derived from them."""
+class Progress:
+    """How far the run got, and what it met on the way: the numbers a checkpoint restores (everything
+    else is derived from them), the history of epochs and the events (rollbacks, restarts)."""
     epoch: int = -1                 # last completed epoch (0-based); -1 = none yet
     global_step: int = 0            # optimizer updates so far, all stages
     best_value: Optional[float] = None
@@ -237,19 +104,20 @@ class Counters:
 
 @dataclass
 class RunState:
-    """Model (unwrapped), EMA, optimizer, scaler and counters: what a checkpoint saves and restores."""
+    """Model (unwrapped), EMA, optimizer, scaler, progress and the divergence guard: what a checkpoint
+    saves and restores."""
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scaler: Optional[torch.amp.GradScaler]
     ema: Any  # training.ema.ModelEma or None
     config: dict
     monitor: str
-    counters: Counters = field(default_factory=Counters)
+    progress: Progress = field(default_factory=Progress)
     guard: Any = None  # training.guards.DivergenceGuard (its loss window) or None
 
 
     def state_dict(self, stage: int, unfreeze_level: int, rng_ranks: Optional[list] = None) -> dict:
-        c = self.counters
+        c = self.progress
         return {
             "format_version": FORMAT_VERSION,
             "model": unwrap(self.model).state_dict(),
@@ -267,7 +135,7 @@ class RunState:
             "partial": c.partial,
             "periodic_copies": list(c.periodic),
             "periodic_dir": c.periodic_dir,
-            "guards": {k: copy.deepcopy(getattr(c, k)) for k in Counters.GUARD_FIELDS},
+            "guards": {k: copy.deepcopy(getattr(c, k)) for k in Progress.GUARD_FIELDS},
             "divergence_guard": self.guard.state_dict() if self.guard is not None else None,
             "rng": rng_state(),
             "rng_ranks": rng_ranks,
@@ -285,7 +153,7 @@ class RunState:
 
     def load_weights(self, obj: dict, path: str = "<memory>", quiet: bool = False) -> None:
         """The model, EMA, optimizer moments and loss scale only (the plateau breaker's restart from
-        the best weights): the counters, the guard's window and the RNG go on."""
+        the best weights): the progress, the guard's window and the RNG go on."""
         info = (lambda *a: None) if quiet else log.info
         load_model_weights(self.model, model_state_of(obj), path)
         try:
@@ -306,9 +174,9 @@ class RunState:
 
     def load_progress(self, obj: dict, path: str = "<memory>", rank: int = 0, world_size: int = 1,
                       quiet: bool = False) -> None:
-        """The counters, history, best record, guard state and RNG of a full checkpoint."""
+        """The progress (counters, history, best record, guard state and RNG) of a full checkpoint."""
         info = (lambda *a: None) if quiet else log.info
-        c = self.counters
+        c = self.progress
         c.epoch, c.global_step = int(obj["epoch"]), int(obj["global_step"])
         c.history = [dict(r) for r in obj.get("history", []) if r["epoch"] <= c.epoch + 1]
         c.partial = obj.get("partial")
@@ -326,8 +194,8 @@ class RunState:
                      obj["best"].get("metric"), self.monitor)
         c.restart_at = obj.get("restart_at")
         c.periodic, c.periodic_dir = list(obj.get("periodic_copies", [])), obj.get("periodic_dir")
-        defaults = Counters()
-        for k in Counters.GUARD_FIELDS:
+        defaults = Progress()
+        for k in Progress.GUARD_FIELDS:
             setattr(c, k, copy.deepcopy(obj.get("guards", {}).get(k, getattr(defaults, k))))
         if self.guard is not None:
             self.guard.load_state_dict(obj.get("divergence_guard"))

@@ -36,12 +36,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import schedulers
-from errors import UserError
-from training import state as ckpt
+from core.errors import UserError
+from core import checkpoint as ckpt
 from training.config import Config
 from training.loop import optimizer_step
-from training.runlog import atomic_open
-from training.runtime import Runtime
+from core.io import atomic_write
+from core.runtime import Runtime
 from training.setup import load_data, make_loader, seed_everything
 from training.stages import full_unfreeze_level
 from training.trainer import build_run
@@ -218,7 +218,7 @@ def sweep(run, batches, opts: LRFindOptions) -> LRFindResult:
 def write_outputs(result: LRFindResult, opts: LRFindOptions, out_dir: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
     csv_path = os.path.join(out_dir, "lr_find.csv")
-    with atomic_open(csv_path, "w") as f:
+    with atomic_write(csv_path, "w") as f:
         f.write("step,lr,loss,smoothed\n")
         for i, lr, loss, s in result.rows():
             f.write(f"{i},{lr!r},{loss!r},{s!r}\n")
@@ -272,5 +272,5 @@ def plot(result: LRFindResult, opts: LRFindOptions, path: str) -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="upper left", fontsize=8)
     fig.subplots_adjust(left=0.1, right=0.97, top=0.92, bottom=0.12)
-    with atomic_open(path, "wb") as f:
+    with atomic_write(path, "wb") as f:
         fig.savefig(f, format="png")

@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import torch
 
-from errors import UserError
+from core.errors import UserError
 
 AMP_MODES = ("auto", "off", "fp16", "bf16")
 log = logging.getLogger("cod")

@@ -18,9 +18,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from errors import UserError, check_output_file
+from core.errors import UserError, check_output_file
 from evaluation.metrics import HEADERS, resolve_monitor
-from training.runlog import atomic_open, read_metrics_csv
+from core.io import atomic_write
+from training.runlog import read_metrics_csv
 
 log = logging.getLogger("cod")
 
@@ -209,5 +210,5 @@ def plot_runs(runs: list[RunRecord], column: str, higher_is_better: bool, out: s
         ax.set_visible(False)
     axes[0].legend(fontsize=8, loc="best")
     fig.tight_layout()
-    with atomic_open(out, "wb") as f:
+    with atomic_write(out, "wb") as f:
         fig.savefig(f, format="png")
