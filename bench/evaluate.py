@@ -56,7 +56,7 @@ from models import build_model  # noqa: E402
 from training.config import Config  # noqa: E402
 from training.loop import validate  # noqa: E402
 from core.runtime import AMP_MODES, Runtime  # noqa: E402
-from training.setup import make_loader  # noqa: E402
+from training.build import make_loader  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KVASIR = os.path.join(ROOT, "..", "shared", "data", "kvasir_seg")

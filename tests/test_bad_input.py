@@ -156,8 +156,8 @@ def test_10_unreadable_image_in_a_dataloader_worker_is_one_line(broken_root, tmp
     # the start-up scan (item 12) would find the file first: take it away to reach the workers
     proc = cli(["train", "--dataset-path", root, "--checkpoint-dir", str(tmp_path / "run"), *TINY,
                 "--num-workers", "2", "--val-split", "0", "--limit-batches", "3"],  # all 12 images
-               prelude="import sys, train_ultimate, training.setup\n"
-                       "training.setup.check_files = lambda cfg, index: None")
+               prelude="import sys, train_ultimate, training.build\n"
+                       "training.build.check_files = lambda cfg, index: None")
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
     assert proc.stderr.strip().splitlines() == [

@@ -33,10 +33,10 @@ import train_ultimate
 from data import make_demo_dataset
 from tests.test_signals import DRIVER
 from core import checkpoint as ckpt
-from training import loop, trainer
+from training import build, loop
 from training.config import Config
 from core.runtime import DistributedRuntime, Runtime
-from training.setup import load_data, make_loader, seed_everything
+from training.build import load_data, make_loader, seed_everything
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--backbone", "edgenext_xx_small", "--no-pretrained", "--img-size", "64", "--device", "cpu",
@@ -69,7 +69,7 @@ def step_and_validate(rt: Runtime, root: str) -> dict:
                  num_experts=3, moe_aux_weight=0.0, num_workers=0, progress=False, aug="none",
                  device="cpu", amp="off", val_split=0.3, accumulation_steps=2).validate()
     seed_everything(0)
-    run = trainer.build_run(cfg, rt)
+    run = build.build_run(cfg, rt)
     _, _, val = load_data(cfg)
     metrics = loop.validate(cfg, rt, run.net, run.loss_fn, make_loader(cfg, rt, val, 2, train=False))
 

@@ -15,7 +15,7 @@ import schedulers
 import train_ultimate
 from data import make_demo_dataset
 from core import checkpoint as ckpt
-from training import trainer
+from training import build, trainer
 from training.guards import DivergenceGuard, RollbackNeeded
 
 FLAGS = ["--backbone", "edgenext_xx_small", "--no-pretrained", "--img-size", "64", "--num-workers", "0",
@@ -40,7 +40,7 @@ def rows(folder):
 def plant(monkeypatch, bad_calls: set, how):
     """Wrap the loss so that its n-th calls (training and validation alike, counted from 1) return
     ``how(loss)``."""
-    real_build, calls = trainer.build_loss, [0]
+    real_build, calls = build.build_loss, [0]
 
     def build_loss(**kwargs):
         real = real_build(**kwargs)
@@ -51,7 +51,7 @@ def plant(monkeypatch, bad_calls: set, how):
             return (how(loss) if calls[0] in bad_calls else loss), terms
         return loss_fn
 
-    monkeypatch.setattr(trainer, "build_loss", build_loss)
+    monkeypatch.setattr(build, "build_loss", build_loss)
 
 
 def assert_finite_best(folder):

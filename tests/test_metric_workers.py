@@ -27,7 +27,7 @@ from tests.test_signals import finish, wait_for
 from training import loop
 from training.config import Config
 from core.runtime import Runtime
-from training.setup import load_data, make_loader
+from training.build import load_data, make_loader
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = ["--backbone", "edgenext_xx_small", "--no-pretrained", "--img-size", "64", "--epochs", "2",

@@ -19,9 +19,9 @@ import torch
 
 import train_ultimate
 from data import make_demo_dataset
-from training.curves import draw_curves
+from training.report.curves import draw_curves
 from tools.lr_find import LRFindResult, suggest
-from training.tb_logger import TensorBoardLogger
+from training.report.tensorboard import TensorBoardLogger
 
 TINY = ["--backbone", "edgenext_xx_small", "--no-pretrained", "--img-size", "64", "--num-workers", "0",
         "--no-progress", "--num-experts", "2", "--decoder-channels", "16", "--batch-size", "2"]

@@ -21,7 +21,7 @@ from typing import Optional
 from core.errors import UserError, check_output_file
 from evaluation.metrics import HEADERS, resolve_monitor
 from core.io import atomic_write
-from training.runlog import read_metrics_csv
+from training.report.metrics_csv import read_metrics_csv
 
 log = logging.getLogger("cod")
 

@@ -42,9 +42,9 @@ from training.config import Config
 from training.loop import optimizer_step
 from core.io import atomic_write
 from core.runtime import Runtime
-from training.setup import load_data, make_loader, seed_everything
+from training.build import load_data, make_loader, seed_everything
 from training.stages import full_unfreeze_level
-from training.trainer import build_run
+from training.build import build_run
 
 log = logging.getLogger("cod")
 

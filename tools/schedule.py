@@ -20,7 +20,7 @@ def preview_schedule(cfg: Config, steps_per_epoch: Optional[int] = None, out: Op
     Steps per epoch are counted from ``--dataset-path`` exactly as ``train`` counts them (same
     validation split, batch sizes, accumulation and ``--limit-batches``), unless given directly.
     """
-    from training.setup import load_data, make_lr_plan  # the very functions train uses
+    from training.build import load_data, make_lr_plan  # the very functions train uses
 
     check_output_file("--out", out, "lr.csv")
     check_output_file("--plot", plot, "lr.png")

@@ -20,6 +20,7 @@ from typing import Optional
 from core.errors import UserError
 from core import checkpoint
 from training.config import Config
+from training.report.metrics_csv import read_metrics_csv
 
 log = logging.getLogger("cod")
 
@@ -43,12 +44,9 @@ def run_files(folder: str) -> list[str]:
 
 
 def describe_run(folder: str) -> str:
-    """'best_model.pth from epoch 4, best iou 0.3706' from the folder's metrics.csv, if readable."""
-    import csv
-
+    """'4 epoch(s) in metrics.csv', from the folder's metrics.csv if readable."""
     try:
-        with open(os.path.join(folder, "metrics.csv")) as f:
-            rows = list(csv.DictReader(f))
+        rows = read_metrics_csv(os.path.join(folder, "metrics.csv"))
         return f"{len(rows)} epoch(s) in metrics.csv" if rows else "an empty metrics.csv"
     except OSError:
         return "files of a run"

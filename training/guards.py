@@ -1,18 +1,16 @@
-"""Guard rails that do what the users' guides tell people to do by hand, visibly, each one switchable.
+"""The divergence guard: what the users' guides tell people to do by hand when a run blows up.
 
 - ``DivergenceGuard`` (every optimizer step): a non-finite loss or gradient skips the step (the
   runtime does that; GradScaler too under fp16); several non-finite steps in a row, or a loss above
   ``--spike-factor`` x the running median of recent losses, ask for a rollback.
 - ``rollback``: back to the last good state kept in memory (the end of the last good epoch), the LR
   multiplied by ``--lr-backoff`` from then on, with a short linear warm-up; after
-  ``--max-rollbacks`` the run stops, with the last good checkpoint on disk intact.
-- ``plateau_restart``: when the monitored metric has not improved by ``--plateau-min-delta`` for
-  ``--plateau-patience`` epochs, the schedule restarts from the next epoch with its peak scaled by
-  ``--plateau-lr-factor``, from the best or the current weights, at most ``--plateau-max-restarts``
-  times.
+  ``--max-rollbacks`` the run stops, with the last good checkpoint on disk intact, and
+  ``after_divergence`` says where to resume from.
 
-Everything they change lives in the run's counters, so it is saved in checkpoints and a resume
-continues with the same LR factor, the same restarted schedule and the same counts.
+Everything they change lives in the run's progress and the guard's window, so it is saved in
+checkpoints and a resume continues with the same LR factor, the same counts and the same window.
+The plateau breaker is ``training/plateau.py``.
 """
 
 from __future__ import annotations
@@ -27,10 +25,10 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
+from core.checkpoint import load as load_checkpoint
 from core.errors import UserError
 from evaluation.metrics import resolve_monitor
 from training.progress import Progress
-from core.checkpoint import load as load_checkpoint
 
 if TYPE_CHECKING:
     from training.config import Config
@@ -151,41 +149,6 @@ def rollback(run, good: dict, reason: str, epoch: int, steps_per_epoch: int) -> 
              cfg.max_rollbacks)
 
 
-def count_plateau(cfg: Config, c: Progress, stage_index: int, gain: float) -> None:
-    """After an epoch whose monitored value beat the best by ``gain`` (inf for the first, -inf for a
-    non-finite value): the plateau breaker's count of stage-2 epochs without a gain above
-    ``--plateau-min-delta``. Stage 1 never counts: the count starts with stage 2."""
-    if stage_index == 0:
-        c.plateau_bad = 0
-    else:
-        c.plateau_bad = 0 if gain > cfg.plateau_min_delta else c.plateau_bad + 1
-
-
-def plateau_reached(cfg: Config, c: Progress, epoch: int) -> bool:
-    """Stage 2, patience run out, restarts left."""
-    return (cfg.plateau_patience is not None and epoch >= cfg.stage1_epochs and epoch + 1 < cfg.epochs
-            and c.plateau_bad >= cfg.plateau_patience and c.plateau_restarts < cfg.plateau_max_restarts)
-
-
-def plateau_restart(run, epoch: int, best: Optional[dict]) -> None:
-    """Restart the schedule at ``epoch + 1`` with its peak x ``--plateau-lr-factor``, from the best
-    weights (``best``, a checkpoint dict) or the current ones. The counters go on."""
-    cfg, c = run.cfg, run.progress
-    source = "the current weights"
-    if cfg.plateau_from == "best" and best is not None:
-        run.state.load_weights(best, "best_model.pth", quiet=True)  # the counters and the RNG go on
-        source = f"the best weights (epoch {best['epoch'] + 1})"
-    c.plateau_restarts += 1
-    c.plateau_bad = 0
-    c.peak_scale *= cfg.plateau_lr_factor
-    c.restart_at = epoch + 1
-    c.events.append({"epoch": epoch + 2, "kind": "restart",  # shown on the first epoch of the new schedule
-                     "text": f"plateau: schedule restarted, peak x{c.peak_scale:.3g}"})
-    log.info("Plateau breaker: %s has not improved by %g for %d epochs: the schedule restarts at epoch "
-             "%d with its peak x%.3g, from %s (restart %d of at most %d)", cfg.monitor, cfg.plateau_min_delta,
-             cfg.plateau_patience, epoch + 2, c.peak_scale, source, c.plateau_restarts, cfg.plateau_max_restarts)
-
-
 def collapsed(checkpoint: dict) -> bool:
     """Whether a checkpoint's epoch scored its monitored value far from the run's best: under half of
     it (a higher-is-better ``--monitor``), above twice it (lower-is-better), or not finite."""
@@ -233,29 +196,3 @@ def check_finite_output(run, epoch: int) -> None:
     model.train(was)
     if not finite:
         raise TrainingDiverged(f"the model's predictions became NaN or inf after epoch {epoch + 1}")
-
-
-def add_guard_arguments(p, d: "Config") -> None:
-    """The guards' flags of ``train`` (``d``: the defaults)."""
-    from training.flags import _bool_flag
-
-    g = p.add_argument_group("guards (docs/plateaus.md)")
-    _bool_flag(g, "--divergence-guard", "skip steps with a non-finite loss or gradient; roll back to the last "
-               "good epoch on repeated ones or on a loss spike, with a lower LR", default=d.divergence_guard)
-    g.add_argument("--spike-factor", type=float, default=d.spike_factor,
-                   help="a step loss above this x the running median of recent losses rolls back")
-    g.add_argument("--lr-backoff", type=float, default=d.lr_backoff,
-                   help="each rollback multiplies the LR by this from then on (after a short warm-up); 1: "
-                        "retry the epoch at the same LR, without warm-up")
-    g.add_argument("--max-rollbacks", type=int, default=d.max_rollbacks,
-                   help="stop (keeping the last good checkpoint) after this many rollbacks")
-    g.add_argument("--plateau-patience", type=int, default=None,
-                   help="stage 2: restart the schedule after N epochs without a better --monitor (off by "
-                        "default; Kvasir study: +0.021 Dice, within the seed spread)")
-    g.add_argument("--plateau-min-delta", type=float, default=d.plateau_min_delta,
-                   help="an improvement smaller than this does not count as one")
-    g.add_argument("--plateau-lr-factor", type=float, default=d.plateau_lr_factor,
-                   help="the restarted schedule's peak LR = this x the previous peak")
-    g.add_argument("--plateau-from", choices=("best", "current"), default=d.plateau_from,
-                   help="restart from the best weights (best_model.pth) or the current ones")
-    g.add_argument("--plateau-max-restarts", type=int, default=d.plateau_max_restarts)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -34,7 +34,7 @@ class Run:
     loss_fn: torch.nn.Module
     stop: StopRequest
     model: Optional[torch.nn.Module] = None  # what the loop calls: rt.wrap(state.model)
-    tb: Optional[object] = None              # --tensorboard: a TensorBoardLogger (main process)
+    reporters: list = field(default_factory=list)  # training/report: what each epoch writes
     lr_steps: Optional[list] = None          # (epoch axis, LR) of every update of the plan, for curves.png
     pool: Optional[MetricPool] = None        # --metric-workers: scores validation and the test split
 

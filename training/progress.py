@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -97,6 +98,25 @@ class Progress:
     plateau_restarts: int = 0
     peak_scale: float = 1.0         # product of the plateau restarts' --plateau-lr-factor
     events: list = field(default_factory=list)  # {"epoch", "kind": rollback|restart, "text"}
+
+    def record_epoch(self, row: dict, value: float, higher_is_better: bool) -> tuple[bool, float]:
+        """Add an epoch's ``row`` (its events marked in it) and update the best record and early
+        stopping's count with its monitored ``value``. Returns whether it is a new best, and its gain
+        over the previous best (inf for the first, -inf for a non-finite value)."""
+        self.epoch = row["epoch"] - 1
+        events = [e["kind"] for e in self.events if e["epoch"] == row["epoch"]]
+        if events:
+            row["events"] = "+".join(events)
+        self.history.append(row)
+        finite = math.isfinite(value)
+        gain = (-math.inf if not finite else math.inf if self.best_value is None
+                else (value - self.best_value) * (1 if higher_is_better else -1))
+        improved = finite and gain > 0
+        if improved:
+            self.best_value, self.best_epoch, self.bad_epochs = value, self.epoch, 0
+        else:
+            self.bad_epochs += 1
+        return improved, gain
 
     GUARD_FIELDS = ("unfreeze_floor", "lr_scale", "warmup_from", "warmup_steps", "rollbacks", "plateau_bad",
                     "plateau_restarts", "peak_scale", "events")

@@ -7,7 +7,6 @@ new kind runs from the resume epoch to ``--epochs``, with its warm-up.
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import shutil
@@ -16,6 +15,7 @@ from typing import Optional
 
 from core import checkpoint as ckpt
 from training.config import Config
+from training.report.metrics_csv import read_metrics_csv
 
 log = logging.getLogger("cod")
 
@@ -60,8 +60,7 @@ def archive_abandoned_history(metrics_csv: str, keep_through_epoch: int) -> Opti
     metrics.csv from that epoch on. The old file is kept beside it first, so no row is lost."""
     if not os.path.isfile(metrics_csv):
         return None
-    with open(metrics_csv) as f:
-        epochs = [int(r["epoch"]) for r in csv.DictReader(f) if r.get("epoch", "").isdigit()]
+    epochs = [r["epoch"] for r in read_metrics_csv(metrics_csv) if isinstance(r.get("epoch"), int)]
     if not epochs or max(epochs) <= keep_through_epoch:
         return None
     backup = os.path.join(os.path.dirname(metrics_csv),

@@ -12,40 +12,32 @@ torchrun every process runs this same code; only the main one (rank 0) writes fi
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 import time
 from contextlib import nullcontext
+from enum import Enum
 from typing import Optional
 
 import torch
 
 import schedulers
-from evaluation import format_table, resolve_monitor
-from evaluation.pool import MetricPool
-from losses import build_loss
-from models import build_model
-from models.flops import forward_gflops
 from core import checkpoint as ckpt
 from core.io import write_json
-from training.config import Config
-from training.control import RunInterrupted, StopRequest, TimeBudget, continue_command
-from training.curves import draw_curves, lr_steps_from_plan
-from training.folder import FolderLock, check_folder, move_aside, next_periodic_copy, write_periodic_copy
-from training.guards import (DivergenceGuard, RollbackNeeded, after_divergence, check_finite_output,
-                             count_plateau, plateau_reached, plateau_restart, rollback, snapshot)
-from training.ema import ModelEma
-from training.loop import Run, TrainingDiverged, train_one_epoch, validate  # noqa: F401 (re-exported)
-from training.resume import resume_run
-from training.runlog import (format_epoch_line, log_model_summary, setup_logging, start_logging, stop_buffering,
-                             write_metrics_csv)
 from core.runtime import Runtime, make_runtime
-from training.setup import (build_optimizer, load_data, make_loader, make_lr_plan, prepare_cache,
-                            seed_everything, train_samples_per_process)
+from evaluation import format_table, resolve_monitor
+from training.build import make_loader, make_lr_plan, start_run, train_samples_per_process
+from training.config import Config
+from training.control import RunInterrupted, TimeBudget, continue_command
+from training.folder import FolderLock, check_folder, move_aside
+from training.guards import RollbackNeeded, after_divergence, check_finite_output, rollback, snapshot
+from training.loop import Run, TrainingDiverged, train_one_epoch, validate  # noqa: F401 (re-exported)
+from training.plateau import count_plateau, plateau_step
+from training.progress import rng_state
+from training.report import EpochEnd, make_reporters, report_epoch
+from training.report.curves import lr_steps_from_plan
+from training.report.log import setup_logging, start_logging, stop_buffering
 from training.stages import Stage, current_unfreeze_level, log_unfreeze_plan, plan_stages
-from training.progress import RunState, rng_state
-from training.tb_logger import TensorBoardLogger
 
 log = logging.getLogger("cod")
 
@@ -93,75 +85,45 @@ def _fit(cfg: Config, rt: Runtime, argv: Optional[list]) -> dict:
         return summary(run, finished=True)
 
     log_unfreeze_plan(run, start_epoch)
-    if cfg.tensorboard and rt.is_main:
-        run.tb = TensorBoardLogger(os.path.join(cfg.checkpoint_dir, "tensorboard"))
+    run.reporters = make_reporters(cfg, rt.is_main)
     budget = TimeBudget(cfg.time_limit_s)
-    with run.stop, run.pool:  # the metric workers start in the first validation and end here
-        outcome = "replan"
-        while outcome == "replan":  # the plateau breaker restarts the schedule: plan again from there
-            stages = plan_stages(cfg, restart_at=c.restart_at, peak_scale=c.peak_scale)
-            plan = make_lr_plan(cfg, stages, n_train=train_samples_per_process(len(train_samples), rt.world_size))
-            log.info("%s\n%s", schedulers.format_plan(plan), schedulers.ascii_plot(plan))
-            run.lr_steps = lr_steps_from_plan(plan) if rt.is_main else None
-            for stage, stage_plan in zip(stages, plan.stages):
-                if stage.end_epoch <= start_epoch:
-                    continue
-                outcome = run_stage(run, stage, stage_plan, start_epoch, train_samples, val_samples, budget, argv)
-                if outcome != "done":
-                    break
-            start_epoch = c.epoch + 1
-        if outcome == "stopped":
-            return summary(run, finished=False)
-        log.info("Done. Best %s -> %s", best_text(run),
-                 os.path.join(cfg.checkpoint_dir, "best_model.pth"))
-        out = summary(run, finished=True)
-        out["test"] = evaluate_test_sets(run, index)
-    return out
+    try:
+        with run.stop, run.pool:  # the metric workers start in the first validation and end here
+            outcome = Outcome.REPLAN
+            while outcome is Outcome.REPLAN:  # the plateau breaker restarted the schedule: plan from there
+                stages = plan_stages(cfg, restart_at=c.restart_at, peak_scale=c.peak_scale)
+                plan = make_lr_plan(cfg, stages, n_train=train_samples_per_process(len(train_samples), rt.world_size))
+                log.info("%s\n%s", schedulers.format_plan(plan), schedulers.ascii_plot(plan))
+                run.lr_steps = lr_steps_from_plan(plan) if rt.is_main else None
+                for stage, stage_plan in zip(stages, plan.stages):
+                    if stage.end_epoch <= start_epoch:
+                        continue
+                    outcome = run_stage(run, stage, stage_plan, start_epoch, train_samples, val_samples, budget, argv)
+                    if outcome is not Outcome.DONE:
+                        break
+                start_epoch = c.epoch + 1
+            if outcome is Outcome.STOPPED:
+                return summary(run, finished=False)
+            log.info("Done. Best %s -> %s", best_text(run), os.path.join(cfg.checkpoint_dir, "best_model.pth"))
+            out = summary(run, finished=True)
+            out["test"] = evaluate_test_sets(run, index)
+        return out
+    finally:
+        for reporter in run.reporters:
+            reporter.close()
 
 
-def start_run(cfg: Config, rt: Runtime):
-    """Data, model, optimizer and the resumed state: ``(run, index, train, val)``."""
-    seed_everything(cfg.seed)
-    log.info("Device: %s | seed %d", rt.describe(), cfg.seed)
-    if not rt.is_main:
-        rt.barrier()  # the main process finds (or generates) the data first
-    index, train_samples, val_samples = load_data(cfg)
-    if rt.is_main:
-        rt.barrier()
-    prepare_cache(cfg, rt, train_samples, val_samples)
-    run = build_run(cfg, rt)
-    if rt.rank:
-        torch.manual_seed(cfg.seed + rt.rank)  # same initial weights everywhere, own dropout masks
-    log.info("Batch: %d per process x %d process%s x %d accumulation steps = %d images per optimizer "
-             "step (stage 2: %d)", cfg.batch_size, rt.world_size, "es" if rt.world_size > 1 else "",
-             cfg.accumulation_steps, cfg.batch_size * rt.world_size * cfg.accumulation_steps,
-             cfg.stage2_batch_size_value * rt.world_size * cfg.accumulation_steps)
-    if cfg.resume_from:
-        resume_run(run)
-    return run, index, train_samples, val_samples
-
-
-def build_run(cfg: Config, rt: Runtime) -> Run:
-    model = build_model(backbone=cfg.backbone, num_experts=cfg.num_experts, moe_top_k=cfg.moe_top_k,
-                        deep_supervision=cfg.deep_supervision, pretrained=cfg.pretrained,
-                        pretrained_path=cfg.pretrained_path, drop_path=cfg.drop_path,
-                        dropout=cfg.dropout, decoder_channels=cfg.decoder_channels,
-                        img_size=cfg.img_size).to(rt.device)
-    loss_fn = build_loss(bce_weight=cfg.bce_weight, iou_weight=cfg.iou_weight, dice_weight=cfg.dice_weight,
-                         moe_aux_weight=cfg.moe_aux_weight, ds_weights=cfg.ds_weights,
-                         label_smoothing=cfg.label_smoothing)
-    if rt.is_main:
-        log_model_summary(cfg, model, rt.device, forward_gflops(model, cfg.img_size, rt.device))
-    state = RunState(model, build_optimizer(cfg, model), rt.scaler,
-                     ModelEma(model, cfg.ema_decay) if cfg.ema else None, cfg.to_dict(), cfg.monitor,
-                     guard=DivergenceGuard(cfg.spike_factor) if cfg.divergence_guard else None)
-    return Run(cfg, rt, state, loss_fn, StopRequest(), pool=MetricPool(cfg.metric_workers_value))
+class Outcome(Enum):
+    """How ``run_stage`` ended (a signal raises ``RunInterrupted`` instead, once last.pth is saved)."""
+    DONE = "done"              # the stage's last epoch
+    REPLAN = "replan"          # the plateau breaker restarted the schedule: plan again
+    EARLY_STOP = "early stop"  # --early-stop-patience
+    STOPPED = "stopped"        # --run-epochs or --time-limit
 
 
 def run_stage(run: Run, stage: Stage, stage_plan, first_epoch: int, train_samples, val_samples,
-              budget: TimeBudget, argv: Optional[list]) -> str:
-    """The epochs of one stage from ``first_epoch`` on: 'done', 'early stop' or 'stopped' (a time
-    or epoch limit; a signal raises ``RunInterrupted`` once ``last.pth`` is saved)."""
+              budget: TimeBudget, argv: Optional[list]) -> Outcome:
+    """The epochs of one stage from ``first_epoch`` on."""
     cfg, rt, c = run.cfg, run.rt, run.progress
     last_path = os.path.join(cfg.checkpoint_dir, "last.pth")
     train_loader = make_loader(cfg, rt, train_samples, stage.batch_size, train=True, seed_offset=stage.index)
@@ -175,7 +137,7 @@ def run_stage(run: Run, stage: Stage, stage_plan, first_epoch: int, train_sample
         if reason:
             log.info("%s: stopping before epoch %d. Go on with:\n  %s", reason, epoch + 1,
                      continue_command(argv, last_path))
-            return "stopped"
+            return Outcome.STOPPED
         level = current_unfreeze_level(run, epoch)
         t0 = time.time()
         while True:  # an epoch, again after each rollback of the divergence guard
@@ -211,11 +173,11 @@ def run_stage(run: Run, stage: Stage, stage_plan, first_epoch: int, train_sample
         if run.stop.agree(rt):
             raise interrupted(run, f"after epoch {epoch + 1}", last_path, argv)
         if restarted:
-            return "replan"
+            return Outcome.REPLAN
         if cfg.early_stop_patience and c.bad_epochs >= cfg.early_stop_patience:
             log.info("Early stop: %d epochs without a better %s", c.bad_epochs, cfg.monitor)
-            return "early stop"
-    return "done"
+            return Outcome.EARLY_STOP
+    return Outcome.DONE
 
 
 def validate_epoch(run: Run, val_loader) -> Optional[dict]:
@@ -229,50 +191,23 @@ def validate_epoch(run: Run, val_loader) -> Optional[dict]:
 
 def end_of_epoch(run: Run, stage: Stage, epoch: int, level: int, train_stats: dict, val_stats: dict,
                  seconds: float) -> bool:
-    """Log one line, update the best record and the patience counts, save best_model.pth (this
-    epoch's weights), let the plateau breaker restart the schedule, then save last.pth (what the next
-    epoch starts from, so a stop now resumes the restart), the periodic copy and metrics.csv.
-    True when the plateau breaker restarted the schedule."""
-    cfg, c, rt = run.cfg, run.progress, run.rt
+    """Record the epoch (history, best, patience), let the plateau breaker restart the schedule, and
+    report it (training/report: the epoch line, checkpoints, metrics.csv, curves, TensorBoard), in
+    that order: last.pth holds what the next epoch starts from, a restart included. True when the
+    plateau breaker restarted the schedule."""
+    cfg, c = run.cfg, run.progress
     monitor_key, higher_is_better = resolve_monitor(cfg.monitor)
     if not val_stats:  # no validation split: the training loss is what is monitored
         monitor_key, higher_is_better = "train_loss", False
-    c.epoch = epoch
     row = {"epoch": epoch + 1, "stage": stage.index + 1, "unfreeze_level": level, **train_stats,
            **{f"val_{k}": v for k, v in val_stats.items()}}
-    c.history.append(row)
-    value = val_stats.get(monitor_key, train_stats["train_loss"])
-    improved = is_improvement(value, c.best_value, higher_is_better)
-    gain = (-math.inf if not math.isfinite(value) else math.inf if c.best_value is None
-            else (value - c.best_value) * (1 if higher_is_better else -1))
+    improved, gain = c.record_epoch(row, val_stats.get(monitor_key, train_stats["train_loss"]), higher_is_better)
     count_plateau(cfg, c, stage.index, gain)
-    events = [e["kind"] for e in c.events if e["epoch"] == epoch + 1]
-    if events:
-        row["events"] = "+".join(events)
-    if improved:
-        c.best_value, c.best_epoch, c.bad_epochs = value, epoch, 0
-    else:
-        c.bad_epochs += 1
-    log.info("%s | %.0fs%s", format_epoch_line(row, cfg), seconds, "  * best" if improved else "")
-    copy = next_periodic_copy(run, epoch) if rt.is_main else None  # listed in this epoch's checkpoints
-    full = checkpoint_state(run, stage, level)
-    best_path = os.path.join(cfg.checkpoint_dir, "best_model.pth")
-    if rt.is_main and improved:
-        ckpt.save(full, best_path)
-    restarted = plateau_reached(cfg, c, epoch)
-    if restarted:
-        rt.barrier()  # every process reads best_model.pth, which the main one wrote
-        plateau_restart(run, epoch, ckpt.load(best_path) if os.path.isfile(best_path) else None)
-        full = checkpoint_state(run, stage, level)
-    if rt.is_main:
-        ckpt.save(full, os.path.join(cfg.checkpoint_dir, "last.pth"))
-        write_periodic_copy(run, full, copy)
-        write_metrics_csv(c.history, os.path.join(cfg.checkpoint_dir, "metrics.csv"))
-        draw_curves(cfg.checkpoint_dir, c.history, lr_steps=run.lr_steps,  # an event before epoch e at e - 1
-                    events=[{**e, "epoch": e["epoch"] - 1} for e in c.events])
-        if run.tb is not None:
-            run.tb.log_epoch(row)
-    return restarted
+    restart = plateau_step(run, epoch)
+    report_epoch(run, EpochEnd(epoch, row, improved, checkpoint_state(run, stage, level), seconds))
+    if restart:
+        log.info("%s", restart)
+    return bool(restart)
 
 
 def checkpoint_state(run: Run, stage: Stage, level: int) -> Optional[dict]:
@@ -282,14 +217,6 @@ def checkpoint_state(run: Run, stage: Stage, level: int) -> Optional[dict]:
     if not bool(torch.stack([torch.isfinite(p).all() for p in run.net.parameters()]).all()):
         raise TrainingDiverged("the weights became NaN or inf")  # never saved
     return run.state.state_dict(stage.index + 1, level, rng_ranks) if run.rt.is_main else None
-
-
-def is_improvement(value: float, best: Optional[float], higher_is_better: bool) -> bool:
-    if not math.isfinite(value):
-        return False
-    if best is None:
-        return True
-    return value > best if higher_is_better else value < best
 
 
 def interrupted(run: Run, where: str, last_path: str, argv: Optional[list]) -> RunInterrupted:

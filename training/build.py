@@ -1,5 +1,6 @@
-"""Building a run: data and loaders, the model and its optimizer, the LR plan. ``train`` and the
-``schedule`` preview call the same functions, so they count steps the same way."""
+"""Building a run: data and loaders, the model, its loss and optimizer, the resumed state, the LR
+plan. ``train``, ``lr-find`` and the ``schedule`` preview call the same functions, so they count
+steps the same way."""
 
 from __future__ import annotations
 
@@ -14,10 +15,21 @@ from torch.utils.data import DistributedSampler
 
 import data as cod_data
 import schedulers
-from data.scan import EMPTY_FRACTION
 from core.errors import UserError
-from training.config import Config
 from core.runtime import Runtime
+from data.scan import EMPTY_FRACTION
+from evaluation.pool import MetricPool
+from losses import build_loss
+from models import build_model
+from models.flops import forward_gflops
+from training.config import Config
+from training.control import StopRequest
+from training.ema import ModelEma
+from training.guards import DivergenceGuard
+from training.loop import Run
+from training.progress import RunState
+from training.report.log import log_model_summary
+from training.resume import resume_run
 from training.stages import Stage, batches_per_epoch, steps_per_epoch
 
 log = logging.getLogger("cod")
@@ -166,3 +178,42 @@ def make_lr_plan(cfg: Config, stages: list[Stage], n_train: Optional[int] = None
                                      onecycle_div_factor=cfg.onecycle_div_factor)
     except ValueError as e:
         raise UserError(f"schedule: {e}") from None
+
+
+def start_run(cfg: Config, rt: Runtime):
+    """Data, model, optimizer and the resumed state: ``(run, index, train, val)``."""
+    seed_everything(cfg.seed)
+    log.info("Device: %s | seed %d", rt.describe(), cfg.seed)
+    if not rt.is_main:
+        rt.barrier()  # the main process finds (or generates) the data first
+    index, train_samples, val_samples = load_data(cfg)
+    if rt.is_main:
+        rt.barrier()
+    prepare_cache(cfg, rt, train_samples, val_samples)
+    run = build_run(cfg, rt)
+    if rt.rank:
+        torch.manual_seed(cfg.seed + rt.rank)  # same initial weights everywhere, own dropout masks
+    log.info("Batch: %d per process x %d process%s x %d accumulation steps = %d images per optimizer "
+             "step (stage 2: %d)", cfg.batch_size, rt.world_size, "es" if rt.world_size > 1 else "",
+             cfg.accumulation_steps, cfg.batch_size * rt.world_size * cfg.accumulation_steps,
+             cfg.stage2_batch_size_value * rt.world_size * cfg.accumulation_steps)
+    if cfg.resume_from:
+        resume_run(run)
+    return run, index, train_samples, val_samples
+
+
+def build_run(cfg: Config, rt: Runtime) -> Run:
+    model = build_model(backbone=cfg.backbone, num_experts=cfg.num_experts, moe_top_k=cfg.moe_top_k,
+                        deep_supervision=cfg.deep_supervision, pretrained=cfg.pretrained,
+                        pretrained_path=cfg.pretrained_path, drop_path=cfg.drop_path,
+                        dropout=cfg.dropout, decoder_channels=cfg.decoder_channels,
+                        img_size=cfg.img_size).to(rt.device)
+    loss_fn = build_loss(bce_weight=cfg.bce_weight, iou_weight=cfg.iou_weight, dice_weight=cfg.dice_weight,
+                         moe_aux_weight=cfg.moe_aux_weight, ds_weights=cfg.ds_weights,
+                         label_smoothing=cfg.label_smoothing)
+    if rt.is_main:
+        log_model_summary(cfg, model, rt.device, forward_gflops(model, cfg.img_size, rt.device))
+    state = RunState(model, build_optimizer(cfg, model), rt.scaler,
+                     ModelEma(model, cfg.ema_decay) if cfg.ema else None, cfg.to_dict(), cfg.monitor,
+                     guard=DivergenceGuard(cfg.spike_factor) if cfg.divergence_guard else None)
+    return Run(cfg, rt, state, loss_fn, StopRequest(), pool=MetricPool(cfg.metric_workers_value))

@@ -1,20 +1,16 @@
-"""What a run writes for people: the per-epoch line, ``metrics.csv`` and ``train.log``.
+"""What a run says to people: the per-epoch line, ``train.log`` and the start-up summary.
 
-``metrics.csv`` takes its columns from the rows themselves (the loss's terms, the scorer's metrics,
-each expert's usage), so a new loss term or metric shows up without a change here. The epoch line
-keeps the users' guides' layout: ``Epoch N/M [stage]: Loss | IoU | Dice | Sm | Val loss | LR``.
+The epoch line keeps the users' guides' layout: ``Epoch N/M [stage]: Loss | IoU | Dice | Sm | Val
+loss | LR``.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
-import math
 import os
 from logging.handlers import MemoryHandler
 from typing import Optional
 
-from core.io import atomic_write
 from training.config import Config
 
 log = logging.getLogger("cod")
@@ -35,43 +31,6 @@ def format_epoch_line(row: dict, cfg: Config) -> str:
     parts += [f"{label}: {row[key]:.4f}" for label, key in EPOCH_LINE if key in row]
     parts.append(f"LR: {format_lr(row['lr'])}")
     return f"{head} [{row['stage']}]: " + " | ".join(parts) if has_val else f"{head}: " + " | ".join(parts)
-
-
-def write_metrics_csv(history: list, path: str) -> None:
-    """Rewritten whole from the history each epoch (atomically), so a resume never duplicates rows."""
-    columns: list[str] = []
-    for row in history:
-        columns += [k for k in row if k not in columns]
-    with atomic_write(path) as f:
-        f.write(",".join(columns) + "\n")
-        for row in history:
-            f.write(",".join(_fmt(row.get(c, "")) for c in columns) + "\n")
-
-
-def read_metrics_csv(path: str) -> list[dict]:
-    """The rows of a ``metrics.csv`` as dicts of numbers (``epoch``, ``stage`` and ``unfreeze_level``
-    as ints, the rest as floats; an empty cell is NaN), the form ``write_metrics_csv`` was given."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    out = []
-    for row in rows:
-        parsed = {}
-        for k, v in row.items():
-            if k is None:  # a row longer than the header
-                continue
-            try:
-                x = float(v)
-            except (TypeError, ValueError):
-                x = math.nan
-            parsed[k] = int(x) if k in ("epoch", "stage", "unfreeze_level") and x.is_integer() else x
-        out.append(parsed)
-    return out
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    return str(v)
 
 
 def start_logging(is_main: bool) -> Optional[MemoryHandler]:
