@@ -16,6 +16,7 @@ import torch
 
 from core.errors import UserError
 from core.io import atomic_write
+from core.runtime import unwrap
 
 log = logging.getLogger("cod")
 
@@ -104,10 +105,6 @@ def strip_module_prefix(state: dict) -> dict:
     if state and all(k.startswith("module.") for k in state):
         return {k[len("module."):]: v for k, v in state.items()}
     return state
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
 
 
 def load_model_weights(model: torch.nn.Module, state: dict, path: str) -> None:

@@ -76,6 +76,12 @@ def amp_dtype(mode: str, device: torch.device) -> Optional[torch.dtype]:
     return choose_precision(mode, device)[0]
 
 
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DistributedDataParallel or DataParallel wrapper (the model itself otherwise)."""
+    return model.module if isinstance(model, (torch.nn.parallel.DistributedDataParallel,
+                                              torch.nn.DataParallel)) else model
+
 class Runtime:
     """One process: a device, a precision, and trivial versions of the collective operations."""
 
@@ -104,10 +110,6 @@ class Runtime:
         """The model the loop calls; call again after (un)freezing parameters."""
         return model
 
-    @staticmethod
-    def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-        return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
     def accumulating(self, model, sync: bool):
         """Around forward and backward of a micro-batch: ``sync=False`` skips the gradient reduction
         (DDP's ``no_sync``) on all but the last micro-batch of an accumulation group."""
@@ -126,7 +128,7 @@ class Runtime:
             self.scaler.unscale_(optimizer)
         finite = True
         if grad_clip > 0 or check_finite:
-            params = [p for p in self.unwrap(model).parameters() if p.grad is not None]
+            params = [p for p in unwrap(model).parameters() if p.grad is not None]
             norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
             finite = bool(torch.isfinite(norm)) if check_finite else True
         if self.scaler is not None:
@@ -194,7 +196,7 @@ class DistributedRuntime(Runtime):
                 f"{'nccl' if self.device.type == 'cuda' else 'gloo'}, world size {self.world_size}")
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        net = self.unwrap(model)
+        net = unwrap(model)
         trainable = tuple(p.requires_grad for p in net.parameters())
         if self._wrapped is None or self._wrapped.module is not net or trainable != self._trainable:
             ids = [self.device.index] if self.device.type == "cuda" else None

@@ -13,7 +13,7 @@ from .dataset import SegDataset
 from .demo import make_demo_dataset
 from .discovery import DEFAULT_SEED, DatasetIndex, Sample, find_dataset, split_train_val
 from .images import load_image, load_mask
-from .loader import ShardSampler, build_loader
+from .loader import ShardSampler, build_loader, usable_workers
 from .scan import ScanReport, scan_samples
 from .transforms import AUG_PRESETS, AugConfig, aug_preset
 
@@ -31,6 +31,7 @@ __all__ = [
     "build_cache",
     "build_caches",
     "build_loader",
+    "usable_workers",
     "find_dataset",
     "load_image",
     "load_mask",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import multiprocessing
+import os
 import random
 import signal
 from typing import Optional
@@ -28,6 +29,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from core.errors import UserError
+
+
+def usable_workers(num_workers: int) -> int:
+    """``--num-workers``, at most the CPUs: more workers (or reading threads) than cores only adds
+    overhead."""
+    return min(int(num_workers), os.cpu_count() or 1)
 
 
 def mix_seeds(*values: int) -> int:

@@ -195,7 +195,7 @@ class ImageSet(Dataset):
 def iterate_probs(model, paths: Sequence[str], opts: InferenceOptions, img_size: int, device, dtype, desc: str):
     """Yield ``(index, probability map S x S float32 numpy, (H, W) of the original image)`` per path,
     in order, batch by batch."""
-    workers = min(opts.num_workers, os.cpu_count() or 1)
+    workers = cod_data.usable_workers(opts.num_workers)
     loader = cod_data.build_loader(ImageSet(paths, img_size), batch_size=opts.batch_size, shuffle=False,
                                    num_workers=workers, seed=0)
     with tqdm(total=len(paths), desc=desc, leave=False, disable=not opts.progress, dynamic_ncols=True,

@@ -8,7 +8,9 @@ counts them); the CSV's ``epoch`` column is the 0-based epoch index, as in check
 from __future__ import annotations
 
 import csv
-from pathlib import Path
+
+from core.io import atomic_write
+from core.plots import figure, save_png
 
 from .plan import LRPlan, StagePlan
 
@@ -153,9 +155,7 @@ def ascii_plot(plan: LRPlan, width: int = 72, height: int = 12) -> str:
 def write_csv(plan: LRPlan, path) -> None:
     """One row per optimizer step: ``step,epoch,stage,lr`` (global step and 0-based epoch; the LR
     written with ``repr`` so it reads back as the same float)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
+    with atomic_write(str(path), "w") as f:
         out = csv.writer(f, lineterminator="\n")
         out.writerow(["step", "epoch", "stage", "lr"])
         for step, epoch, name, lr in plan.rows():
@@ -166,14 +166,12 @@ def plot_png(plan: LRPlan, path) -> None:
     """The head LR over global optimizer steps as a PNG, with stage boundaries and restarts marked.
     Uses matplotlib's Agg canvas directly (no pyplot, no global backend switch)."""
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
         from matplotlib.ticker import FormatStrFormatter
+
+        fig = figure(10, 4.5, dpi=100)
     except ImportError:
         raise RuntimeError("matplotlib is needed for --plot: pip install matplotlib") from None
     rows = list(plan.rows())
-    fig = Figure(figsize=(10, 4.5), dpi=100)
-    FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     kinds = list(dict.fromkeys(stage.schedule.kind for stage in plan.stages))
     one_kind = len(kinds) == 1  # the usual case: name the kind once, in the legend
@@ -198,6 +196,4 @@ def plot_png(plan: LRPlan, path) -> None:
     if rows:
         ax.legend(loc="best", fontsize=8, framealpha=0.9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    save_png(fig, path)

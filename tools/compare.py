@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from core.errors import UserError, check_output_file
-from evaluation.metrics import HEADERS, resolve_monitor
-from core.io import atomic_write
-from training.report.metrics_csv import read_metrics_csv
+from evaluation.metrics import resolve_monitor
+from core.plots import figure, save_png
+from training.report.metrics_csv import column_label, read_metrics_csv
 
 log = logging.getLogger("cod")
 
@@ -128,11 +128,11 @@ def flag_cell(config: Optional[dict], key: str) -> str:
 
 
 def comparison_table(runs: list[RunRecord], column: str, higher_is_better: bool) -> str:
-    label = _label(column)
+    label = column_label(column)
     header = ["run", "epochs", "best epoch", f"best {label}", f"last {label}"]
     shown = [k for k in ALSO_SHOWN if k != column and any(k in r for run in runs for r in run.history)]
     for k in shown:
-        header += [f"best {_label(k)}", f"last {_label(k)}"]
+        header += [f"best {column_label(k)}", f"last {column_label(k)}"]
     flags = differing_flags(runs)
     header += ["--" + k.replace("_", "-") for k in flags]
     lines = []
@@ -173,22 +173,14 @@ def compare_runs(folders: list, out: str = "compare.png", metric: str = "iou") -
     return runs
 
 
-def _label(column: str) -> str:
-    name = column[4:] if column.startswith("val_") else column
-    return HEADERS.get(name, name)
-
-
 def plot_runs(runs: list[RunRecord], column: str, higher_is_better: bool, out: str) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
     present = {k for run in runs for r in run.history for k in r}
     panels = [column] + [k for k in (*ALSO_SHOWN, "val_loss") if k != column and k in present]
     cols = 1 if len(panels) == 1 else 2
     rows = math.ceil(len(panels) / cols)
-    fig = Figure(figsize=(6 * cols, 3.4 * rows + 0.6), dpi=90)
-    FigureCanvasAgg(fig)
+    fig = figure(6 * cols, 3.4 * rows + 0.6)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     colors = [f"C{i % 10}" for i in range(len(runs))]
     for ax, key in zip(axes, panels):
@@ -202,7 +194,7 @@ def plot_runs(runs: list[RunRecord], column: str, higher_is_better: bool, out: s
                 best, epoch, _ = best_and_last(run.history, key, higher_is_better)
                 if best is not None:
                     ax.plot([epoch], [best], "*", ms=10, color=color)
-        ax.set_title(f"validation {_label(key)}" + (" (* best)" if key == column else ""), fontsize=10)
+        ax.set_title(f"validation {column_label(key)}" + (" (* best)" if key == column else ""), fontsize=10)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
@@ -210,5 +202,4 @@ def plot_runs(runs: list[RunRecord], column: str, higher_is_better: bool, out: s
         ax.set_visible(False)
     axes[0].legend(fontsize=8, loc="best")
     fig.tight_layout()
-    with atomic_write(out, "wb") as f:
-        fig.savefig(f, format="png")
+    save_png(fig, out)

@@ -41,6 +41,7 @@ from core import checkpoint as ckpt
 from training.config import Config
 from training.loop import optimizer_step
 from core.io import atomic_write
+from core.plots import figure, save_png
 from core.runtime import Runtime
 from training.build import load_data, make_loader, seed_everything
 from training.stages import full_unfreeze_level
@@ -246,11 +247,7 @@ def report(result: LRFindResult) -> None:
 
 
 def plot(result: LRFindResult, opts: LRFindOptions, path: str) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(8, 4.5), dpi=100)
-    FigureCanvasAgg(fig)
+    fig = figure(8, 4.5, dpi=100)
     ax = fig.add_subplot(1, 1, 1)
     ax.plot(result.lrs, result.losses, lw=0.8, alpha=0.4, color="tab:blue", label="loss")
     ax.plot(result.lrs, result.smoothed, lw=1.8, color="tab:blue", label=f"smoothed (EMA {SMOOTHING:g})")
@@ -272,5 +269,4 @@ def plot(result: LRFindResult, opts: LRFindOptions, path: str) -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="upper left", fontsize=8)
     fig.subplots_adjust(left=0.1, right=0.97, top=0.92, bottom=0.12)
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png")
+    save_png(fig, path)

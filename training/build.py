@@ -5,7 +5,6 @@ steps the same way."""
 from __future__ import annotations
 
 import logging
-import os
 import random
 from typing import Optional
 
@@ -70,7 +69,7 @@ def check_files(cfg: Config, index) -> None:
     that a bad file stops the run (``--no-skip-bad-files``) or is left out, at start-up and not in
     the middle of an epoch or after it. Mostly empty masks are reported: a mask format misread."""
     splits = {"train": index.train, **{f"test set {k}": v for k, v in index.tests.items()}}
-    workers = min(cfg.num_workers, os.cpu_count() or 1)
+    workers = cod_data.usable_workers(cfg.num_workers)
     reports = {name: cod_data.scan_samples(samples, workers, name) for name, samples in splits.items()}
     bad = [b for r in reports.values() for b in r.bad]
     if bad and not cfg.skip_bad_files:
@@ -124,7 +123,7 @@ def make_loader(cfg: Config, rt: Runtime, samples, batch_size: int, train: bool,
                                       drop_last=True) if train
                    else cod_data.ShardSampler(len(ds), rt.rank, rt.world_size))
     n_local = len(sampler) if sampler is not None else len(samples)
-    workers = min(cfg.num_workers, os.cpu_count() or 1)  # more workers than cores only adds overhead
+    workers = cod_data.usable_workers(cfg.num_workers)
     return cod_data.build_loader(ds, batch_size=batch_size, shuffle=train, num_workers=workers,
                                  seed=cfg.seed + seed_offset + 7919 * rt.rank, sampler=sampler,
                                  drop_last=train and n_local >= batch_size)
@@ -146,7 +145,7 @@ def open_caches(cfg: Config, rt: Runtime, splits) -> list:
     other processes wait, then every process opens them."""
     if not rt.is_main:
         rt.barrier()
-    workers = min(cfg.num_workers, os.cpu_count() or 1)
+    workers = cod_data.usable_workers(cfg.num_workers)
     caches = cod_data.build_caches(splits, cfg.img_size, cfg.cache_dir_value, workers)
     if rt.is_main:
         rt.barrier()

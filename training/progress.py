@@ -26,7 +26,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from core.checkpoint import load_model_weights, model_state_of, unwrap
+from core.checkpoint import load_model_weights, model_state_of
+from core.runtime import unwrap
 
 FORMAT_VERSION = 1
 log = logging.getLogger("cod")

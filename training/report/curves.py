@@ -22,8 +22,8 @@ import math
 import os
 from typing import Iterable, Optional
 
-from evaluation.metrics import HEADERS
-from core.io import atomic_write
+from core.plots import figure, save_png
+from training.report.metrics_csv import column_label
 
 log = logging.getLogger("cod")
 
@@ -82,11 +82,6 @@ def _series(rows: list, key: str) -> list:
     return [r.get(key, math.nan) for r in rows]
 
 
-def _label(key: str) -> str:
-    name = key[4:] if key.startswith("val_") else key[6:] if key.startswith("train_") else key
-    return HEADERS.get(name, name)
-
-
 def _markers(rows: list, events: list) -> list:
     """(x, colour, linestyle, text) of the stage boundary, unfreeze steps and events."""
     out = []
@@ -105,8 +100,6 @@ def _markers(rows: list, events: list) -> list:
 
 
 def _draw(path: str, rows: list, lr_steps: list, events: list) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
     keys = list(dict.fromkeys(k for r in rows for k in r))
@@ -117,14 +110,13 @@ def _draw(path: str, rows: list, lr_steps: list, events: list) -> None:
     panels = ["loss", "validation", "lr"] + (["experts"] if experts else [])
     x = [r["epoch"] for r in rows]  # a row without one is not a metrics.csv row: say so, draw nothing
 
-    fig = Figure(figsize=(10, 1.2 + 2.3 * len(panels)), dpi=90)
-    FigureCanvasAgg(fig)
+    fig = figure(10, 1.2 + 2.3 * len(panels))
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
     for ax, panel in zip(axes, panels):
         if panel == "loss":
             for k in train:
                 ax.plot(x, _series(rows, k), lw=2.0 if k == "train_loss" else 1.0,
-                        label="train " + ("loss" if k == "train_loss" else _label(k)))
+                        label="train " + ("loss" if k == "train_loss" else column_label(k)))
             if "val_loss" in keys:
                 ax.plot(x, _series(rows, "val_loss"), "k--", lw=1.5, label="val loss")
             if all(v > 0 for k in train + ["val_loss"] if k in keys for v in _series(rows, k)
@@ -135,7 +127,7 @@ def _draw(path: str, rows: list, lr_steps: list, events: list) -> None:
             for k in val:
                 ax.plot(x, _series(rows, k), lw=1.8 if k == "val_iou" else 1.0,
                         ls="--" if k == "val_mae" else "-",
-                        label=_label(k) + (" (lower is better)" if k == "val_mae" else ""))
+                        label=column_label(k) + (" (lower is better)" if k == "val_mae" else ""))
             ax.set_ylabel("validation")
             if not val:
                 ax.text(0.5, 0.5, "no validation split", ha="center", va="center", transform=ax.transAxes)
@@ -168,5 +160,4 @@ def _draw(path: str, rows: list, lr_steps: list, events: list) -> None:
                  fontsize=10, x=0.01, ha="left")
     h = fig.get_figheight()
     fig.subplots_adjust(left=0.08, right=0.8, top=1 - 0.45 / h, bottom=0.5 / h, hspace=0.12)
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png")
+    save_png(fig, path)

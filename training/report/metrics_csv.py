@@ -11,6 +11,7 @@ import csv
 import math
 
 from core.io import atomic_write
+from evaluation.metrics import HEADERS
 
 
 def write_metrics_csv(history: list, path: str) -> None:
@@ -48,3 +49,10 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.6g}"
     return str(v)
+
+
+def column_label(column: str) -> str:
+    """A column's name for people: ``val_iou`` -> ``IoU``, ``train_bce`` -> ``bce`` (the scorer's
+    headers; anything else as it is, less its ``val_``/``train_`` prefix)."""
+    name = column[4:] if column.startswith("val_") else column[6:] if column.startswith("train_") else column
+    return HEADERS.get(name, name)
