@@ -4,7 +4,7 @@
     python bench/data.py [--dataset-path ../shared/data/kvasir_seg] [--generated 64] [--workers 1 2 4]
         [--img-size 384] [--batch-size 16] [--batches 20] [--model-img-per-s 112.5] [--json]
 
-The pipeline is the one ``training/setup.py`` ``make_loader`` builds for training: ``SegDataset``
+The pipeline is the one ``training/build.py`` ``make_loader`` builds for training: ``SegDataset``
 with train's default augmentation (``--aug moderate``) and ``build_loader``'s seeded DataLoader and
 collate, reading the files or, with the cache, the arrays of ``data/cache.py`` (train's ``--cache``).
 One difference: batches come from one pass of a sampler of ``(1 + --batches) x --batch-size``

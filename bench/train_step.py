@@ -140,7 +140,7 @@ def build_variants(args, device) -> list[Variant]:
 
 
 def update(optimizer, params, scaler, grad_clip: float) -> None:
-    """The optimizer update as training does it (training/runtime.py ``Runtime.step``): unscale,
+    """The optimizer update as training does it (core/runtime.py ``Runtime.step``): unscale,
     clip, step, update the scale, zero the gradients."""
     if scaler is not None:
         scaler.unscale_(optimizer)
