@@ -137,7 +137,7 @@ def test_planted_nan_rolls_back_to_exactly_the_fault_free_run(root, fault_free, 
     assert [r["events"] for r in rows(out)] == ["", "rollback", ""]
     assert_same_run(fault_free, out, events=False)
     last = ckpt.load(os.path.join(out, "last.pth"))
-    assert last["guards"]["rollbacks"] == 1 and last["guards"]["lr_scale"] == 1.0
+    assert last["guards"]["rollbacks"] == 1 and last["guards"]["backoff"] == 1.0
 
 
 def test_planted_spike_rolls_back_to_exactly_the_fault_free_run(root, fault_free, tmp_path, monkeypatch,
@@ -163,7 +163,7 @@ def test_planted_spike_lowers_the_lr(root, tmp_path, monkeypatch):
     assert float(got[1]["lr"]) == pytest.approx(1e-3) and float(got[3]["lr"]) == pytest.approx(7e-4)
     assert_finite_best(out)
     last = ckpt.load(os.path.join(out, "last.pth"))
-    assert last["guards"]["rollbacks"] == 1 and last["guards"]["lr_scale"] == pytest.approx(0.7)
+    assert last["guards"]["rollbacks"] == 1 and last["guards"]["backoff"] == pytest.approx(0.7)
 
 
 def test_a_resume_judges_spikes_against_the_saved_window(root, tmp_path, monkeypatch):
@@ -324,3 +324,13 @@ def test_resume_with_more_epochs_never_refreezes(root, tmp_path, caplog):
     assert "Unfreeze plan" in caplog.text and "--resume-schedule continue" in caplog.text
     levels = [int(r["unfreeze_level"]) for r in rows(out)]
     assert levels[:4] == [0, 1, 2, 3] and min(levels[4:]) >= 3
+
+
+def test_a_checkpoint_from_before_the_rename_keeps_its_backoff():
+    """The rollbacks' LR factor was saved as guards.lr_scale before it was named backoff."""
+    from training.progress import RunState
+
+    state = RunState(model=None, optimizer=None, scaler=None, ema=None, config={}, monitor="iou")
+    state.load_progress({"epoch": 3, "global_step": 12, "best": {"metric": "iou", "value": 0.4, "epoch": 2},
+                         "guards": {"lr_scale": 0.49, "rollbacks": 2}, "rng": None})
+    assert state.progress.backoff == 0.49 and state.progress.rollbacks == 2

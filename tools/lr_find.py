@@ -39,7 +39,7 @@ import schedulers
 from core.errors import UserError
 from core import checkpoint as ckpt
 from training.config import Config
-from training.loop import optimizer_step
+from training.loop import micro_step, optimizer_step
 from core.io import atomic_write
 from core.plots import figure, save_png
 from core.runtime import Runtime
@@ -175,7 +175,7 @@ def sweep(run, batches, opts: LRFindOptions) -> LRFindResult:
     """``opts.steps`` optimizer updates at rising LRs; the loss of an update is the mean over its
     micro-batches (before the update, as training logs it)."""
 
-    rt, accum, res, smoother = run.rt, run.cfg.accumulation_steps, LRFindResult(), Smoother()
+    accum, res, smoother = run.cfg.accumulation_steps, LRFindResult(), Smoother()
     best = math.inf
     bar = tqdm(total=opts.steps, desc="lr-find", leave=False, disable=not run.cfg.progress,
                dynamic_ncols=True, mininterval=1.0)
@@ -187,12 +187,7 @@ def sweep(run, batches, opts: LRFindOptions) -> LRFindResult:
             schedulers.apply_lr(run.state.optimizer, lr)
             total = 0.0
             for _ in range(accum):
-                batch = next(batches)
-                image = batch["image"].to(rt.device, non_blocking=True)
-                mask = batch["mask"].to(rt.device, non_blocking=True)
-                with rt.autocast():
-                    loss, _ = run.loss_fn(run.model(image), mask)
-                rt.backward(loss / accum)
+                loss, _, _ = micro_step(run, next(batches), accum)
                 total += loss.detach().float().item() / accum
             optimizer_step(run, total)
             smoothed = smoother(total)

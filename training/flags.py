@@ -6,7 +6,6 @@ Defaults come from ``Config``; the rules that check the values are in ``Config.v
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 from training.config import AUG_PRESETS, MONITOR_CHOICES, RESUME_SCHEDULES, SCHEDULERS, Config
 from core.runtime import AMP_MODES
@@ -153,12 +152,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """The one place a Namespace becomes a Config."""
-    names = {f.name for f in dataclasses.fields(Config)}
-    kwargs = {k: v for k, v in vars(args).items() if k in names}
-    if "ds_weights" in kwargs:
-        kwargs["ds_weights"] = tuple(kwargs["ds_weights"])
-    return Config(**kwargs).validate()
+    """The one place a Namespace becomes a Config (the flags that are Config fields)."""
+    return Config.from_dict(vars(args)).validate()
 
 
 def add_guard_arguments(p, d: "Config") -> None:

@@ -108,9 +108,9 @@ def lr_factor(c: Progress, global_step: int) -> float:
     """What multiplies the scheduled LR: the rollbacks' back-off, ramped up linearly over the steps
     after the last rollback."""
     if c.warmup_from is None or c.warmup_steps <= 0:
-        return c.lr_scale
+        return c.backoff
     done = global_step - c.warmup_from
-    return c.lr_scale * min(1.0, (done + 1) / c.warmup_steps) if done < c.warmup_steps else c.lr_scale
+    return c.backoff * min(1.0, (done + 1) / c.warmup_steps) if done < c.warmup_steps else c.backoff
 
 
 def snapshot(state_dict: dict) -> dict:
@@ -135,16 +135,16 @@ def rollback(run, good: dict, reason: str, epoch: int, steps_per_epoch: int) -> 
     if done >= cfg.max_rollbacks:
         raise TrainingDiverged(f"diverged in epoch {epoch + 1} ({reason}) after {done} rollback(s) "
                                f"(--max-rollbacks {cfg.max_rollbacks})")
-    events, scale = list(c.events), c.lr_scale
+    events, backoff = list(c.events), c.backoff
     run.state.load_state_dict(good, "<the last good state>", run.rt.rank, run.rt.world_size, quiet=True)
     c.rollbacks, c.events = done + 1, events
-    c.lr_scale = scale * cfg.lr_backoff
+    c.backoff = backoff * cfg.lr_backoff
     if cfg.lr_backoff < 1:
         c.warmup_from, c.warmup_steps = c.global_step, max(1, min(ROLLBACK_WARMUP_STEPS, steps_per_epoch))
     c.events.append({"epoch": epoch + 1, "kind": "rollback", "text": reason})
     log.info("Divergence guard in epoch %d: %s: rolled back to %s; the LR is now x%.3g of the schedule%s "
              "(rollback %d of at most %d)", epoch + 1, reason,
-             f"the end of epoch {c.epoch + 1}" if c.epoch >= 0 else "the initial weights", c.lr_scale,
+             f"the end of epoch {c.epoch + 1}" if c.epoch >= 0 else "the initial weights", c.backoff,
              f", after a {c.warmup_steps}-step warm-up" if cfg.lr_backoff < 1 else "", c.rollbacks,
              cfg.max_rollbacks)
 

@@ -73,6 +73,21 @@ def optimizer_step(run: Run, loss: torch.Tensor) -> None:
             raise RollbackNeeded(reason or "another process's divergence guard")
 
 
+def micro_step(run: Run, batch: dict, group_size: int, sync: bool = True):
+    """Forward and backward of one micro-batch of an update of ``group_size`` of them: its loss / group
+    size is added to the gradients (reduced between processes only when ``sync``). Returns
+    ``(loss, terms, outputs)``."""
+    rt = run.rt
+    image = batch["image"].to(rt.device, non_blocking=True)
+    mask = batch["mask"].to(rt.device, non_blocking=True)
+    with rt.accumulating(run.model, sync=sync):
+        with rt.autocast():
+            outputs = run.model(image)
+            loss, terms = run.loss_fn(outputs, mask)
+        rt.backward(loss / group_size)
+    return loss, terms, outputs
+
+
 def mean_over_processes(rt: Runtime, values):
     """``values`` (a number, None, or lists and dicts of them) averaged over the processes."""
     if rt.world_size == 1:
@@ -130,14 +145,8 @@ def train_one_epoch(run: Run, loader, stage_plan, stage: Stage, epoch: int,
             head_lr = stage_plan.lr_at(k0 + group) * lr_factor(run.progress, run.progress.global_step)
             schedulers.apply_lr(run.state.optimizer, head_lr)
             group_loss = 0.0
-        image = batch["image"].to(rt.device, non_blocking=True)
-        mask = batch["mask"].to(rt.device, non_blocking=True)
         last_micro = (i + 1) % accum == 0 or i + 1 == n_batches
-        with rt.accumulating(run.model, sync=last_micro):
-            with rt.autocast():
-                outputs = run.model(image)
-                loss, terms = run.loss_fn(outputs, mask)
-            rt.backward(loss / group_size)
+        loss, terms, outputs = micro_step(run, batch, group_size, sync=last_micro)
         group_loss = group_loss + loss.detach().float() / group_size
         ok = torch.isfinite(loss.detach())  # a non-finite batch is left out of the means (its step skipped)
         for name, value in {"loss": loss.detach(), **terms, "_batches": torch.ones(())}.items():

@@ -91,7 +91,7 @@ class Progress:
     periodic_dir: Optional[str] = None  # the folder they are in (a resume elsewhere must not prune there)
     unfreeze_floor: int = 0         # the deepest unfreeze level reached: a resume never re-freezes
     # the guards (training/guards.py)
-    lr_scale: float = 1.0           # product of the rollbacks' LR back-offs
+    backoff: float = 1.0            # product of the rollbacks' --lr-backoff (multiplies the LR)
     warmup_from: Optional[int] = None  # global step of the last rollback, start of its warm-up
     warmup_steps: int = 0
     rollbacks: int = 0
@@ -119,7 +119,7 @@ class Progress:
             self.bad_epochs += 1
         return improved, gain
 
-    GUARD_FIELDS = ("unfreeze_floor", "lr_scale", "warmup_from", "warmup_steps", "rollbacks", "plateau_bad",
+    GUARD_FIELDS = ("unfreeze_floor", "backoff", "warmup_from", "warmup_steps", "rollbacks", "plateau_bad",
                     "plateau_restarts", "peak_scale", "events")
 
 
@@ -216,8 +216,10 @@ class RunState:
         c.restart_at = obj.get("restart_at")
         c.periodic, c.periodic_dir = list(obj.get("periodic_copies", [])), obj.get("periodic_dir")
         defaults = Progress()
+        guards = dict(obj.get("guards", {}))
+        guards.setdefault("backoff", guards.get("lr_scale", defaults.backoff))  # its name until 2026-12
         for k in Progress.GUARD_FIELDS:
-            setattr(c, k, copy.deepcopy(obj.get("guards", {}).get(k, getattr(defaults, k))))
+            setattr(c, k, copy.deepcopy(guards.get(k, getattr(defaults, k))))
         if self.guard is not None:
             self.guard.load_state_dict(obj.get("divergence_guard"))
         ranks = obj.get("rng_ranks")
