@@ -141,7 +141,7 @@ def rollback(run, good: dict, reason: str, epoch: int, steps_per_epoch: int) -> 
     c.backoff = backoff * cfg.lr_backoff
     if cfg.lr_backoff < 1:
         c.warmup_from, c.warmup_steps = c.global_step, max(1, min(ROLLBACK_WARMUP_STEPS, steps_per_epoch))
-    c.events.append({"epoch": epoch + 1, "kind": "rollback", "text": reason})
+    c.add_event(epoch, "rollback", reason)
     log.info("Divergence guard in epoch %d: %s: rolled back to %s; the LR is now x%.3g of the schedule%s "
              "(rollback %d of at most %d)", epoch + 1, reason,
              f"the end of epoch {c.epoch + 1}" if c.epoch >= 0 else "the initial weights", c.backoff,

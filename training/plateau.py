@@ -68,8 +68,7 @@ def plateau_restart(run, epoch: int, best: Optional[dict]) -> str:
     c.plateau_bad = 0
     c.peak_scale *= cfg.plateau_lr_factor
     c.restart_at = epoch + 1
-    c.events.append({"epoch": epoch + 2, "kind": "restart",  # shown on the first epoch of the new schedule
-                     "text": f"plateau: schedule restarted, peak x{c.peak_scale:.3g}"})
+    c.add_event(epoch + 1, "restart", f"plateau: schedule restarted, peak x{c.peak_scale:.3g}")  # its first epoch
     return (f"Plateau breaker: {cfg.monitor} has not improved by {cfg.plateau_min_delta:g} for "
             f"{cfg.plateau_patience} epochs: the schedule restarts at epoch {epoch + 2} with its peak "
             f"x{c.peak_scale:.3g}, from {source} (restart {c.plateau_restarts} of at most {cfg.plateau_max_restarts})")

@@ -100,6 +100,11 @@ class Progress:
     peak_scale: float = 1.0         # product of the plateau restarts' --plateau-lr-factor
     events: list = field(default_factory=list)  # {"epoch", "kind": rollback|restart, "text"}
 
+    def add_event(self, epoch: int, kind: str, text: str) -> None:
+        """An event (``rollback``, ``restart``) of 0-based ``epoch``: the epoch it belongs to, marked in
+        that epoch's row of metrics.csv (``events``) and drawn where it begins on curves.png."""
+        self.events.append({"epoch": epoch + 1, "kind": kind, "text": text})
+
     def record_epoch(self, row: dict, value: float, higher_is_better: bool) -> tuple[bool, float]:
         """Add an epoch's ``row`` (its events marked in it) and update the best record and early
         stopping's count with its monitored ``value``. Returns whether it is a new best, and its gain

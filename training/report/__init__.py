@@ -76,8 +76,8 @@ class MetricsCsv:
 
 class CurvesPng:
     def epoch_end(self, run, end: EpochEnd) -> None:
-        draw_curves(run.cfg.checkpoint_dir, run.progress.history, lr_steps=run.lr_steps,  # an event before
-                    events=[{**e, "epoch": e["epoch"] - 1} for e in run.progress.events])  # epoch e at e - 1
+        draw_curves(run.cfg.checkpoint_dir, run.progress.history, lr_steps=run.lr_steps,
+                    events=run.progress.events)
 
     def close(self) -> None:
         pass

@@ -36,9 +36,10 @@ def draw_curves(checkpoint_dir: str, history: list, lr_steps: Optional[Iterable]
                 events: Optional[list] = None, path: Optional[str] = None) -> Optional[str]:
     """Draw ``history`` (the rows of metrics.csv, as numbers or strings) to ``<checkpoint_dir>/
     curves.png`` (or ``path``), atomically. ``lr_steps``: ``(x, lr)`` pairs for every update (see
-    ``lr_steps_from_plan``); ``events``: dicts ``{"epoch": x, "kind": "restart" | "rollback" | ...,
-    "text": "..."}``, drawn at ``x`` on the epoch axis. Returns the path, or None when nothing was
-    drawn (the reason logged in one line; this never raises)."""
+    ``lr_steps_from_plan``); ``events``: dicts ``{"epoch": e, "kind": "restart" | "rollback" | ...,
+    "text": "..."}`` (``Progress.events``: ``e`` is the metrics.csv epoch they belong to), drawn where
+    that epoch begins, at ``x = e - 1``, as the stage and unfreeze marks. Returns the path, or None
+    when nothing was drawn (the reason logged in one line; this never raises)."""
     global _said_no_matplotlib
     path = path or os.path.join(checkpoint_dir, "curves.png")
     try:
@@ -94,7 +95,7 @@ def _markers(rows: list, events: list) -> list:
     for ev in events:
         if isinstance(ev, dict) and isinstance(ev.get("epoch"), (int, float)):
             kind = str(ev.get("kind", "event"))
-            out.append((float(ev["epoch"]), EVENT_COLORS.get(kind, "tab:brown"), "-",
+            out.append((float(ev["epoch"]) - 1, EVENT_COLORS.get(kind, "tab:brown"), "-",
                         str(ev.get("text") or kind)))
     return out
 
