@@ -171,8 +171,8 @@ def test_the_default_is_num_workers_within_the_cpus(monkeypatch):
     assert [default_metric_workers(n) for n in (0, 2, 7, 16)] == [0, 2, 7, 7]  # one CPU for the main process
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: 4 processes share the 8 CPUs
     assert default_metric_workers(4) == 1
-    assert Config(num_workers=1).metric_workers_value == 1
-    assert Config(num_workers=1, metric_workers=0).metric_workers_value == 0
+    assert Config(num_workers=1).effective_metric_workers == 1
+    assert Config(num_workers=1, metric_workers=0).effective_metric_workers == 0
 
 
 def test_validate_in_two_workers_equals_the_main_process(demo, started):

@@ -143,7 +143,7 @@ def lr_find(cfg: Config, opts: LRFindOptions, out_dir: Optional[str] = None) -> 
     run.net.set_backbone_trainable(0 if opts.stage == 1 else full_unfreeze_level(run.net.num_backbone_stages))
     run.model = rt.wrap(run.net)
     run.model.train()
-    batch_size = cfg.batch_size if opts.stage == 1 else cfg.stage2_batch_size_value
+    batch_size = cfg.batch_size if opts.stage == 1 else cfg.effective_stage2_batch_size
     loader = make_loader(cfg, rt, train_samples, batch_size, train=True, seed_offset=opts.stage - 1)
     log.info("lr-find: stage %d (backbone %s), %d updates of %d x %d images, head LR %.1e -> %.1e "
              "(backbone x %g)", opts.stage, "frozen" if opts.stage == 1 else "unfrozen", opts.steps,

@@ -136,7 +136,7 @@ def prepare_cache(cfg: Config, rt: Runtime, train, val) -> None:
     if not cfg.cache:
         return
     log.info("Cache (--cache): the training and validation images and masks at %d px, as .npy arrays "
-             "under %s", cfg.img_size, cfg.cache_dir_value)
+             "under %s", cfg.img_size, cfg.effective_cache_dir)
     open_caches(cfg, rt, [s for s in (train, eval_samples(cfg, val, cfg.batch_size)) if s])
 
 
@@ -146,7 +146,7 @@ def open_caches(cfg: Config, rt: Runtime, splits) -> list:
     if not rt.is_main:
         rt.barrier()
     workers = cod_data.usable_workers(cfg.num_workers)
-    caches = cod_data.build_caches(splits, cfg.img_size, cfg.cache_dir_value, workers)
+    caches = cod_data.build_caches(splits, cfg.img_size, cfg.effective_cache_dir, workers)
     if rt.is_main:
         rt.barrier()
     return caches
@@ -195,7 +195,7 @@ def start_run(cfg: Config, rt: Runtime):
     log.info("Batch: %d per process x %d process%s x %d accumulation steps = %d images per optimizer "
              "step (stage 2: %d)", cfg.batch_size, rt.world_size, "es" if rt.world_size > 1 else "",
              cfg.accumulation_steps, cfg.batch_size * rt.world_size * cfg.accumulation_steps,
-             cfg.stage2_batch_size_value * rt.world_size * cfg.accumulation_steps)
+             cfg.effective_stage2_batch_size * rt.world_size * cfg.accumulation_steps)
     if cfg.resume_from:
         resume_run(run)
     return run, index, train_samples, val_samples
@@ -215,4 +215,4 @@ def build_run(cfg: Config, rt: Runtime) -> Run:
     state = RunState(model, build_optimizer(cfg, model), rt.scaler,
                      ModelEma(model, cfg.ema_decay) if cfg.ema else None, cfg.to_dict(), cfg.monitor,
                      guard=DivergenceGuard(cfg.spike_factor) if cfg.divergence_guard else None)
-    return Run(cfg, rt, state, loss_fn, StopRequest(), pool=MetricPool(cfg.metric_workers_value))
+    return Run(cfg, rt, state, loss_fn, StopRequest(), pool=MetricPool(cfg.effective_metric_workers))

@@ -63,7 +63,7 @@ class Config:
     include_noncam: bool = False
     aug: str = "moderate"
     num_workers: int = 4
-    metric_workers: Optional[int] = None  # None: metric_workers_value's default
+    metric_workers: Optional[int] = None  # None: the default of effective_metric_workers
     skip_bad_files: bool = True
     cache: bool = False
     cache_dir: Optional[str] = None  # None: DEFAULT_CACHE_DIR (~/.cache/cod_ultimate/arrays)
@@ -138,15 +138,15 @@ class Config:
 
     # ---- derived values (never stored separately, so they cannot disagree with the flags) ----
     @property
-    def stage2_lr_value(self) -> float:
+    def effective_stage2_lr(self) -> float:
         return self.lr if self.stage2_lr is None else self.stage2_lr
 
     @property
-    def stage2_batch_size_value(self) -> int:
+    def effective_stage2_batch_size(self) -> int:
         return self.batch_size if self.stage2_batch_size is None else self.stage2_batch_size
 
     @property
-    def metric_workers_value(self) -> int:
+    def effective_metric_workers(self) -> int:
         """Scoring processes: --metric-workers, by default --num-workers (at most the CPUs - 1)."""
         return default_metric_workers(self.num_workers) if self.metric_workers is None else self.metric_workers
 
@@ -155,7 +155,7 @@ class Config:
         return self.epochs - self.stage1_epochs
 
     @property
-    def cache_dir_value(self) -> str:
+    def effective_cache_dir(self) -> str:
         return os.path.abspath(os.path.expanduser(self.cache_dir or DEFAULT_CACHE_DIR))
 
     @property
@@ -184,7 +184,7 @@ class Config:
         """onecycle rises from peak / --onecycle-div-factor and must fall below that, to --min-lr."""
         d, m = self.onecycle_div_factor, self.min_lr
         for flag, eta, used in (("--lr", self.lr, self.stage1_epochs > 0 and not self.skip_stage1),
-                                ("--stage2-lr", self.stage2_lr_value, self.stage2_epochs > 0)):
+                                ("--stage2-lr", self.effective_stage2_lr, self.stage2_epochs > 0)):
             if used and m >= eta / d:
                 other = f" or --onecycle-div-factor {eta / m / 2:.3g}" if eta / m > 2 else ""
                 raise UserError(f"--scheduler onecycle starts at {flag} / --onecycle-div-factor = {eta:g} / "
@@ -212,14 +212,14 @@ class Config:
                          "(top-%d)", self.moe_top_k, self.num_experts, self.num_experts, self.num_experts)
             self.moe_top_k = self.num_experts
         need(self.batch_size >= 1, f"--batch-size must be >= 1 (got {self.batch_size})")
-        need(self.stage2_batch_size_value >= 1,
+        need(self.effective_stage2_batch_size >= 1,
              f"--stage2-batch-size must be >= 1 (got {self.stage2_batch_size})")
         need(self.accumulation_steps >= 1,
              f"--accumulation-steps must be >= 1 (got {self.accumulation_steps})")
         need(self.lr > 0, f"--lr must be > 0 (got {self.lr})")
-        need(self.stage2_lr_value > 0, f"--stage2-lr must be > 0 (got {self.stage2_lr})")
+        need(self.effective_stage2_lr > 0, f"--stage2-lr must be > 0 (got {self.stage2_lr})")
         need(self.min_lr >= 0, f"--min-lr must be >= 0 (got {self.min_lr})")
-        for flag, eta in (("--lr", self.lr), ("--stage2-lr", self.stage2_lr_value)):
+        for flag, eta in (("--lr", self.lr), ("--stage2-lr", self.effective_stage2_lr)):
             need(self.min_lr <= eta,
                  f"--min-lr ({self.min_lr:g}) is above {flag} ({eta:g}): lower --min-lr or raise {flag}")
         need(self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0 (got {self.warmup_epochs})")
@@ -266,7 +266,7 @@ class Config:
         self.time_limit_s  # raises a UserError naming --time-limit when malformed or zero
         check_writable_folder("--checkpoint-dir", self.checkpoint_dir)
         if self.cache:
-            check_writable_folder("--cache-dir", self.cache_dir_value)
+            check_writable_folder("--cache-dir", self.effective_cache_dir)
         for flag, path in (("--resume-from", self.resume_from), ("--pretrained-path", self.pretrained_path)):
             need(path is None or os.path.isfile(path), f"{flag}: no such file: {path}")
         if self.pretrained_path is not None:

@@ -181,9 +181,9 @@ def validate(cfg: Config, rt: Runtime, model, loss_fn, loader, stop: Optional[St
     this process's shard of the images merged with the others'. None when a stop was requested (a
     signal: save and exit quickly; chunks still being scored are left to ``MetricPool.close``).
     ``fp32``: whatever the training precision (the reported test-split numbers). ``scorer``: the
-    run's (``run.pool.scorer``); without one, ``cfg.metric_workers_value`` processes start for this call."""
+    run's (``run.pool.scorer``); without one, ``cfg.effective_metric_workers`` processes start for this call."""
     if scorer is None:
-        with MetricPool(cfg.metric_workers_value) as pool:
+        with MetricPool(cfg.effective_metric_workers) as pool:
             return validate(cfg, rt, model, loss_fn, loader, stop, desc, fp32, pool.scorer(cfg.threshold))
     model.eval()
     loss_sum, seen, stopped = 0.0, 0, False

@@ -43,7 +43,7 @@ def plan_stages(cfg: Config, restart_at: Optional[int] = None, peak_scale: float
     scaled restart (the plateau breaker's) warms up for at least one epoch."""
     specs = [
         ("stage1", 0, 0, cfg.stage1_epochs, cfg.lr, cfg.batch_size, 0),
-        ("stage2", 1, cfg.stage1_epochs, cfg.epochs, cfg.stage2_lr_value, cfg.stage2_batch_size_value,
+        ("stage2", 1, cfg.stage1_epochs, cfg.epochs, cfg.effective_stage2_lr, cfg.effective_stage2_batch_size,
          cfg.warmup_epochs),
     ]
     stages = []

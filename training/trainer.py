@@ -259,7 +259,7 @@ def evaluate_test_sets(run: Run, index) -> dict:
     ckpt.load_model_weights(run.net, best["ema"]["module"] if best.get("ema") else best["model"], best_path)
     results = {}
     for name, samples in index.tests.items():
-        loader = make_loader(cfg, rt, samples, cfg.stage2_batch_size_value, train=False, use_cache=False)
+        loader = make_loader(cfg, rt, samples, cfg.effective_stage2_batch_size, train=False, use_cache=False)
         results[name] = validate(cfg, rt, run.net, run.loss_fn, loader, stop=run.stop, desc=f"test {name}",
                                  fp32=True, scorer=run.pool.scorer(cfg.threshold))
         if results[name] is None:
