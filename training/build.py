@@ -167,9 +167,8 @@ def make_lr_plan(cfg: Config, stages: list[Stage], n_train: Optional[int] = None
     for s in stages:
         spe = steps_per_epoch_override or steps_per_epoch(
             batches_per_epoch(n_train, s.batch_size, cfg.limit_batches), cfg.accumulation_steps)
-        specs.append(dict(name=s.name, start_epoch=s.schedule_start, end_epoch=s.end_epoch,
-                          steps_per_epoch=spe, base_lr=s.base_lr,
-                          warmup_steps=s.warmup_epochs * spe))
+        specs.append(dict(name=s.name, index=s.index, start_epoch=s.schedule_start, end_epoch=s.end_epoch,
+                          steps_per_epoch=spe, base_lr=s.base_lr, warmup_steps=s.warmup_epochs * spe))
     try:
         return schedulers.build_plan(cfg.scheduler, specs, min_lr=cfg.min_lr,
                                      restart_epochs=cfg.restart_epochs, t_mult=cfg.t_mult,
@@ -177,6 +176,13 @@ def make_lr_plan(cfg: Config, stages: list[Stage], n_train: Optional[int] = None
                                      onecycle_div_factor=cfg.onecycle_div_factor)
     except ValueError as e:
         raise UserError(f"schedule: {e}") from None
+
+
+def stage_plans(stages: list[Stage], plan: schedulers.LRPlan) -> list[tuple[Stage, schedulers.StagePlan]]:
+    """Each stage with its part of the LR plan (``make_lr_plan(cfg, stages)``), matched by index."""
+    by_index = {p.index: p for p in plan.stages}
+    assert sorted(by_index) == [s.index for s in stages], (list(by_index), [s.index for s in stages])
+    return [(s, by_index[s.index]) for s in stages]
 
 
 def start_run(cfg: Config, rt: Runtime):

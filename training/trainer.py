@@ -26,7 +26,7 @@ from core import checkpoint as ckpt
 from core.io import write_json
 from core.runtime import Runtime, make_runtime
 from evaluation import format_table, resolve_monitor
-from training.build import make_loader, make_lr_plan, start_run, train_samples_per_process
+from training.build import make_loader, make_lr_plan, stage_plans, start_run, train_samples_per_process
 from training.config import Config
 from training.control import RunInterrupted, TimeBudget, continue_command
 from training.folder import FolderLock, check_folder, move_aside
@@ -95,7 +95,7 @@ def _fit(cfg: Config, rt: Runtime, argv: Optional[list]) -> dict:
                 plan = make_lr_plan(cfg, stages, n_train=train_samples_per_process(len(train_samples), rt.world_size))
                 log.info("%s\n%s", schedulers.format_plan(plan), schedulers.ascii_plot(plan))
                 run.lr_steps = lr_steps_from_plan(plan) if rt.is_main else None
-                for stage, stage_plan in zip(stages, plan.stages):
+                for stage, stage_plan in stage_plans(stages, plan):
                     if stage.end_epoch <= start_epoch:
                         continue
                     outcome = run_stage(run, stage, stage_plan, start_epoch, train_samples, val_samples, budget, argv)
