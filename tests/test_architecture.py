@@ -98,8 +98,10 @@ def test_no_import_cycle_between_files():
         for m in imports_of(path):
             while m and m not in files:  # 'training.report.log.format_lr' -> 'training.report.log'
                 m = m.rpartition(".")[0]
-            if m and m != mod and not mod.startswith(m + "."):  # its own package runs first anyway
-                targets.add(m)
+            while m:  # importing a.b.c runs a/__init__ and a/b/__init__ first
+                if m in files and m != mod and not mod.startswith(m + "."):  # its own packages run first
+                    targets.add(m)
+                m = m.rpartition(".")[0]
         graph[mod] = targets
     state, stack = {}, []
 

@@ -131,6 +131,25 @@ def test_4_a_diverged_model_is_never_saved(root, finished, tmp_path):
         assert after[name] == before[name]
 
 
+@pytest.mark.parametrize("lr", ["1e5", "30"])
+def test_probe_4_a_finite_blow_up_is_never_saved_as_best_nor_advised(root, finished, tmp_path, lr):
+    """The probe's commands: --lr 1e5 ended epoch 1 with a finite loss of 1.4e10 that was saved as
+    best and last, and advised to resume from; --lr 30 never even rolled back. A user's own file in
+    the folder stays as it was."""
+    out = tmp_path / "blowup"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine\n")
+    before = digest(str(out))
+    rc, text = cli("train", "--dataset-path", root, "--checkpoint-dir", str(out), *TINY, "--epochs", "3",
+                   "--lr", lr, "--scheduler", "none", "--limit-batches", "3", "--batch-size", "2")
+    line = one_error_line(text)
+    assert rc == 2 and "rollback(s)" in line and "--lr" in line and "no checkpoint was written" in line
+    assert "resume from" not in line
+    assert not [f for f in os.listdir(out) if f.endswith(".pth")]
+    after = digest(str(out))
+    assert {k: after.get(k) for k in before} == before
+
+
 def test_4_without_validation_the_log_names_the_training_loss(root, tmp_path):
     out = str(tmp_path / "noval")
     rc, text = cli("train", "--dataset-path", root, "--checkpoint-dir", out, *TINY, "--epochs", "2", "--val-split", "0")

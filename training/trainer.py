@@ -34,7 +34,7 @@ from training.guards import RollbackNeeded, after_divergence, check_finite_outpu
 from training.loop import Run, TrainingDiverged, train_one_epoch, validate  # noqa: F401 (re-exported)
 from training.plateau import count_plateau, plateau_step
 from training.progress import rng_state
-from training.report import EpochEnd, make_reporters, report_epoch
+from training.report.reporters import EpochEnd, make_reporters, report_epoch
 from training.report.curves import lr_steps_from_plan
 from training.report.log import setup_logging, start_logging, stop_buffering
 from training.stages import Stage, current_unfreeze_level, log_unfreeze_plan, plan_stages
