@@ -237,9 +237,11 @@ def test_min_lr_above_lr_exits_2_naming_the_flag(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 
 def run_with_one_improvement(monkeypatch, demo_root, tmp_path, flags):
-    """Train with validation that improves in the first epoch only (the verdict is scripted; the
+    """Train with validation that improves in the first epoch only (a flat score is scripted; the
     patience bookkeeping in fit() is the code under test). Returns the 1-based epochs that ran."""
-    monkeypatch.setattr(trainer, "is_improvement", lambda value, best, higher: best is None)
+    flat = {"loss": 1.0, "sm": 0.5, "wfm": 0.3, "em_mean": 0.5, "em_adp": 0.5, "em_max": 0.5, "fm_mean": 0.3,
+            "fm_adp": 0.3, "fm_max": 0.3, "mae": 0.2, "iou": 0.4, "dice": 0.5}
+    monkeypatch.setattr(trainer, "validate_epoch", lambda run, loader: dict(flat))
     out = tmp_path / "ckpt"
     assert train_ultimate.main(["train", "--dataset-path", demo_root, "--checkpoint-dir", str(out),
                                 "--batch-size", "4", "--limit-batches", "1", "--early-stop-patience",
