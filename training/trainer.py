@@ -27,7 +27,7 @@ from evaluation import format_table, resolve_monitor
 from evaluation.pool import MetricPool
 from losses import build_loss
 from models import build_model
-from models.flops import forward_gflops
+from models.flops import forward_gflops_once
 from training import state as ckpt
 from training.config import Config
 from training.control import RunInterrupted, StopRequest, TimeBudget, continue_command
@@ -152,7 +152,8 @@ def build_run(cfg: Config, rt: Runtime) -> Run:
                          moe_aux_weight=cfg.moe_aux_weight, ds_weights=cfg.ds_weights,
                          label_smoothing=cfg.label_smoothing)
     if rt.is_main:
-        log_model_summary(cfg, model, rt.device, forward_gflops(model, cfg.img_size, rt.device))
+        spec = (cfg.backbone, cfg.num_experts, cfg.moe_top_k, cfg.deep_supervision, cfg.decoder_channels)
+        log_model_summary(cfg, model, rt.device, forward_gflops_once(model, cfg.img_size, spec, rt.device))
     state = RunState(model, build_optimizer(cfg, model), rt.scaler,
                      ModelEma(model, cfg.ema_decay) if cfg.ema else None, cfg.to_dict(), cfg.monitor,
                      guard=DivergenceGuard(cfg.spike_factor) if cfg.divergence_guard else None)
@@ -269,8 +270,9 @@ def end_of_epoch(run: Run, stage: Stage, epoch: int, level: int, train_stats: di
         ckpt.save(full, os.path.join(cfg.checkpoint_dir, "last.pth"))
         write_periodic_copy(run, full, copy)
         write_metrics_csv(c.history, os.path.join(cfg.checkpoint_dir, "metrics.csv"))
-        draw_curves(cfg.checkpoint_dir, c.history, lr_steps=run.lr_steps,  # an event before epoch e at e - 1
-                    events=[{**e, "epoch": e["epoch"] - 1} for e in c.events])
+        if cfg.curves:
+            draw_curves(cfg.checkpoint_dir, c.history, lr_steps=run.lr_steps,  # an event before epoch e at e - 1
+                        events=[{**e, "epoch": e["epoch"] - 1} for e in c.events])
         if run.tb is not None:
             run.tb.log_epoch(row)
     return restarted
