@@ -270,9 +270,8 @@ def end_of_epoch(run: Run, stage: Stage, epoch: int, level: int, train_stats: di
         ckpt.save(full, os.path.join(cfg.checkpoint_dir, "last.pth"))
         write_periodic_copy(run, full, copy)
         write_metrics_csv(c.history, os.path.join(cfg.checkpoint_dir, "metrics.csv"))
-        if cfg.curves:
-            draw_curves(cfg.checkpoint_dir, c.history, lr_steps=run.lr_steps,  # an event before epoch e at e - 1
-                        events=[{**e, "epoch": e["epoch"] - 1} for e in c.events])
+        if cfg.curves:  # lr_steps, then the events (one before epoch e drawn at e - 1)
+            draw_curves(cfg.checkpoint_dir, c.history, run.lr_steps, [{**e, "epoch": e["epoch"] - 1} for e in c.events])
         if run.tb is not None:
             run.tb.log_epoch(row)
     return restarted
