@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+_counted: dict = {}
+
 
 @torch.no_grad()
 def forward_gflops(model: torch.nn.Module, img_size: int, device="cpu") -> float:
@@ -20,3 +22,13 @@ def forward_gflops(model: torch.nn.Module, img_size: int, device="cpu") -> float
         return counter.get_total_flops() / 1e9
     finally:
         model.train(was_training)
+
+
+def forward_gflops_once(model: torch.nn.Module, img_size: int, spec: tuple, device="cpu") -> float:
+    """``forward_gflops``, counted once per ``spec`` (the build arguments that decide the layers: backbone,
+    experts, top-k, deep supervision, decoder channels) and size in this process: the count is
+    deterministic and costs seconds, and a process (the tests) may build many equal models."""
+    key = (spec, img_size, torch.device(device).type)
+    if key not in _counted:
+        _counted[key] = forward_gflops(model, img_size, device)
+    return _counted[key]

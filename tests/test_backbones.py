@@ -13,14 +13,13 @@ from timm.layers.norm_act import FrozenBatchNorm2d, freeze_batch_norm_2d  # torc
 from torch import nn
 
 import train_ultimate
-from data import make_demo_dataset
 from core.errors import UserError
 from losses import build_loss
 from models import build_model
 from models.cod_model import _is_norm
 from training.config import Config
 from training.stages import unfreeze_level
-from tests.test_resume import assert_same_run, rows
+from tests.helpers import assert_same_run, rows
 
 SIZE = 64
 FAMILIES = {
@@ -207,15 +206,15 @@ def test_unknown_names_and_unusable_models_are_one_line_errors(monkeypatch):
 RESUME_FLAGS = ["--no-pretrained", "--img-size", str(SIZE), "--num-workers", "0", "--no-progress",
                 "--num-experts", "2", "--batch-size", "2", "--limit-batches", "2", "--epochs", "3",
                 "--stage1-epochs", "1", "--scheduler", "cosine", "--lr", "1e-3", "--progressive-unfreeze",
-                "--unfreeze-interval", "1", "--ema", "--drop-path", "0.1", "--seed", "3"]
+                "--unfreeze-interval", "1", "--ema", "--drop-path", "0.1", "--seed", "3", "--no-curves"]
 
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("backbone", ["resnet10t", "mobilenetv4_conv_small_035"])
-def test_resume_in_progressive_stage2_continues_exactly(backbone, tmp_path):
+def test_resume_in_progressive_stage2_continues_exactly(backbone, demo, tmp_path):
     """Stopped after a stage-1 and a stage-2 epoch (BatchNorm statistics of the unfrozen stage have
     moved), resumed for the last epoch with one more stage unfrozen: the same run as straight."""
-    root = make_demo_dataset(str(tmp_path / "demo"), n_train=10, n_test=2, size=SIZE, seed=2)
+    root = demo(n_train=10, n_test=2, size=SIZE, seed=2)
     args = ["train", "--dataset-path", root, "--backbone", backbone, *RESUME_FLAGS]
     straight, pieces = str(tmp_path / "straight"), str(tmp_path / "pieces")
     assert train_ultimate.main([*args, "--checkpoint-dir", straight]) == 0

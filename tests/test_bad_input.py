@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 
 import cv2
 import numpy as np
@@ -14,17 +12,16 @@ import pytest
 import torch
 
 import train_ultimate
-from data import make_demo_dataset
+from tests.helpers import cli, digest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--backbone", "edgenext_xx_small", "--no-pretrained", "--img-size", "64", "--epochs", "2",
-        "--stage1-epochs", "1", "--limit-batches", "2", "--num-workers", "0", "--no-progress"]
+        "--stage1-epochs", "1", "--limit-batches", "2", "--num-workers", "0", "--no-progress", "--no-curves"]
 SCHEDULE = ["schedule", "--steps-per-epoch", "10", "--epochs", "4", "--stage1-epochs", "1"]
 
 
 @pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    return make_demo_dataset(str(tmp_path_factory.mktemp("demo") / "demo"), n_train=12, n_test=4, size=64, seed=5)
+def demo_root(demo):
+    return demo(n_train=12, n_test=4, size=64, seed=5)
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +51,9 @@ def one_error(capsys, argv) -> str:
     return lines[0]
 
 
-def cli(args, prelude=None, timeout=240) -> subprocess.CompletedProcess:
-    """The CLI in a subprocess (DataLoader workers), optionally after a few lines of Python."""
-    cmd = [sys.executable, "-c", prelude + "\nsys.exit(train_ultimate.main(sys.argv[1:]))"] if prelude else \
-        [sys.executable, "train_ultimate.py"]
-    return subprocess.run([*cmd, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
-
-
 # ---- item 6: inputs that used to run and do nothing useful --------------------------------------
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("kind", ["jpeg", "png16"])
 def test_5_zero_one_masks_in_any_container_are_not_empty(demo_root, tmp_path, kind, caplog):
     """0/1 masks saved as JPEG or as 16-bit PNG used to read as all background (IoU 0, no warning)."""
@@ -151,11 +142,12 @@ def test_9_checkpoint_dir_dataset_path_and_schedule_outputs_of_the_wrong_kind(de
 
 # ---- item 10: an unreadable image read by a DataLoader worker -----------------------------------
 
+@pytest.mark.e2e
 def test_10_unreadable_image_in_a_dataloader_worker_is_one_line(broken_root, tmp_path):
     root, bad = broken_root
     # the start-up scan (item 12) would find the file first: take it away to reach the workers
-    proc = cli(["train", "--dataset-path", root, "--checkpoint-dir", str(tmp_path / "run"), *TINY,
-                "--num-workers", "2", "--val-split", "0", "--limit-batches", "3"],  # all 12 images
+    proc = cli("train", "--dataset-path", root, "--checkpoint-dir", str(tmp_path / "run"), *TINY,
+               "--num-workers", "2", "--val-split", "0", "--limit-batches", "3",  # all 12 images
                prelude="import sys, train_ultimate, training.build\n"
                        "training.build.check_files = lambda cfg, index: None")
     assert proc.returncode == 2, proc.stderr
@@ -192,10 +184,11 @@ def skipped_run(broken_root, tmp_path_factory):
     """Train on the broken data with the default --skip-bad-files, in a subprocess (workers, console)."""
     root, bad = broken_root
     out = tmp_path_factory.mktemp("skipped") / "run"
-    proc = cli(["train", "--dataset-path", root, "--checkpoint-dir", str(out), *TINY, "--num-workers", "2"])
+    proc = cli("train", "--dataset-path", root, "--checkpoint-dir", str(out), *TINY, "--num-workers", "2")
     return proc, out, bad
 
 
+@pytest.mark.e2e
 def test_12_bad_files_are_found_before_training_and_skipped_or_refused(broken_root, skipped_run, tmp_path, capsys,
                                                                      caplog):
     root, bad = broken_root
@@ -231,6 +224,7 @@ def test_12_bad_files_are_found_before_training_and_skipped_or_refused(broken_ro
 
 # ---- item 13: messages that mislead -------------------------------------------------------------
 
+@pytest.mark.e2e
 def test_13_onecycle_floor_warmup_help_and_train_log(skipped_run, capsys):
     line = one_error(capsys, [*SCHEDULE, "--scheduler", "onecycle", "--min-lr", "1e-5", "--lr", "2.5e-4"])
     assert line == ("error: --scheduler onecycle starts at --lr / --onecycle-div-factor = 0.00025 / 25 = 1e-05 "
@@ -268,12 +262,6 @@ def test_probe_14_negative_values_in_scientific_notation_and_durations_reach_the
         assert words in one_error(capsys, [*SCHEDULE, flag, value])
 
 
-def sha256_of(folder) -> dict:
-    import hashlib
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 @pytest.fixture
 def compared_runs(tmp_path):
     """A folder with a metrics.csv as train writes it, and one whose metrics.csv is something else."""
@@ -289,13 +277,13 @@ def test_probe_7_compare_a_metrics_csv_the_tool_did_not_write(compared_runs, tmp
     """It used to end in KeyError: 'epoch'."""
     run, other = compared_runs
     (run / "config.json").write_text("{not json")  # nor a config.json that is not JSON
-    before = sha256_of(tmp_path)
+    before = digest(tmp_path)
     line = one_error(capsys, ["compare", str(other), str(run), "--out", str(tmp_path / "c.png")])
     assert line == (f"error: compare: {other / 'metrics.csv'} is not a metrics.csv that train wrote (no "
                     "whole-number 'epoch' column): pass the --checkpoint-dir of a train run")
     line = one_error(capsys, ["compare", str(run), "--out", str(tmp_path / "c.png")])
     assert line.startswith(f"error: compare: cannot read {run / 'config.json'} (")
-    assert sha256_of(tmp_path) == before
+    assert digest(tmp_path) == before
 
 
 def test_probe_8_compare_out_is_a_folder_or_a_file_of_a_run(compared_runs, tmp_path, capsys):
@@ -304,12 +292,12 @@ def test_probe_8_compare_out_is_a_folder_or_a_file_of_a_run(compared_runs, tmp_p
     run, _ = compared_runs
     folder = tmp_path / "plots"
     folder.mkdir()
-    before = sha256_of(tmp_path)
+    before = digest(tmp_path)
     line = one_error(capsys, ["compare", str(run), "--out", str(folder)])
     assert line == f"error: --out {folder} is a folder: name the file to write, e.g. {folder / 'compare.png'}"
     line = one_error(capsys, ["compare", str(run), "--out", str(run / "metrics.csv")])
     assert line.startswith(f"error: --out {run / 'metrics.csv'} is a file of one of the runs compared")
-    assert sha256_of(tmp_path) == before and os.listdir(folder) == []
+    assert digest(tmp_path) == before and os.listdir(folder) == []
 
 
 def test_probe_3_predict_never_writes_over_an_input_image_nor_an_existing_file(demo_root, tmp_path, capsys):
@@ -322,7 +310,7 @@ def test_probe_3_predict_never_writes_over_an_input_image_nor_an_existing_file(d
     mine = out / (first.stem + ".png")
     mine.write_bytes(b"the user's own file")
     (tmp_path / "ckpt.pth").write_bytes(b"never read: the outputs are checked first")
-    before = sha256_of(tmp_path)
+    before = digest(tmp_path)
     predict = ["predict", "--checkpoint", str(tmp_path / "ckpt.pth"), "--input", str(images), "--no-progress"]
     for extra in ([], ["--overwrite"]):  # an input image is never an output
         line = one_error(capsys, [*predict, "--output", str(tmp_path / "new"), "--zip", str(first), *extra])
@@ -333,7 +321,7 @@ def test_probe_3_predict_never_writes_over_an_input_image_nor_an_existing_file(d
     assert line == f"error: --zip {out} is a folder: name the file to write, e.g. {out / 'masks.zip'}"
     line = one_error(capsys, [*predict, "--output", str(out)])
     assert line == f"error: --output: {mine} already exists: add --overwrite to replace, or choose another --output"
-    assert sha256_of(tmp_path) == before and not (tmp_path / "new").exists()
+    assert digest(tmp_path) == before and not (tmp_path / "new").exists()
 
 
 def test_probe_5_a_float_image_with_an_infinite_pixel_is_a_bad_file(demo_root, tmp_path, capsys, caplog):
@@ -346,7 +334,7 @@ def test_probe_5_a_float_image_with_an_infinite_pixel_is_a_bad_file(demo_root, t
     tif = jpg.with_suffix(".tif")
     cv2.imwrite(str(tif), image)
     jpg.unlink()
-    before = sha256_of(root)
+    before = digest(root)
     words = f"image {tif} has 1 pixel(s) that are NaN or infinite; re-export it without them or remove it"
     caplog.set_level("INFO")
     assert train_ultimate.main(["schedule", "--dataset-path", str(root), *TINY]) == 0
@@ -356,9 +344,10 @@ def test_probe_5_a_float_image_with_an_infinite_pixel_is_a_bad_file(demo_root, t
         f"Skipping a bad file (--skip-bad-files): {words}"]
     line = one_error(capsys, ["schedule", "--dataset-path", str(root), *TINY, "--no-skip-bad-files"])
     assert line.startswith(f"error: 1 bad file(s) in {root} (train 1): {words}")
-    assert sha256_of(root) == before
+    assert digest(root) == before
 
 
+@pytest.mark.e2e
 def test_probe_13_moe_top_k_above_the_experts_is_capped_and_says_so(demo_root, tmp_path, capsys, caplog):
     """`--moe-top-k 9` with 4 experts used 4 but logged "top-9" and stored 9 in config.json."""
     import json

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--device", "cpu", "--backbone", "edgenext_xx_small", "--img-size", "64", "--batch-size", "2",
          "--repeats", "3", "--warmup", "1", "--threads", "1", "--json"]
@@ -32,6 +34,7 @@ def run_bench(*extra):
     return json.loads(proc.stdout)  # the whole of stdout is one JSON object
 
 
+@pytest.mark.e2e
 def test_train_step_bench_json_on_cpu():
     out = run_bench("--num-experts", "4", "--moe-top-k", "2", "--deep-supervision")
     assert [r["name"] for r in out["rows"]] == ROWS
@@ -51,6 +54,7 @@ def test_train_step_bench_json_on_cpu():
     assert rows["bare backbone"]["trainable_params"] < rows["full stage 2"]["trainable_params"]
 
 
+@pytest.mark.e2e
 def test_train_step_bench_switches_run():
     out = run_bench("--num-experts", "3", "--moe-top-k", "1", "--grad-checkpointing", "--channels-last",
                     "--precision", "bf16", "--optimizer", "foreach", "--repeats", "1", "--breakdown", "--dense-row")
@@ -108,11 +112,12 @@ def test_ablate_verdict_uses_the_seed_spread():
     assert "| dice-2 | 1,2 |" in text and "+0.045" in text and "(base)" in text
 
 
+@pytest.mark.e2e
 def test_ablate_runs_a_tiny_grid_and_resumes(tmp_path):
     out = tmp_path / "study"
     cmd = [sys.executable, os.path.join(ROOT, "bench", "ablate.py"), "--data", "demo", "--out", str(out),
            "--configs", "defaults,moe-off", "--seeds", "1", "--img-size", "64", "--epochs", "3",
-           "--num-workers", "0", "--extra", "--limit-batches 1", "--no-compare", "--json"]
+           "--num-workers", "0", "--extra", "--limit-batches 1 --no-curves", "--no-compare", "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(proc.stdout)["summary"]
@@ -126,6 +131,7 @@ def test_ablate_runs_a_tiny_grid_and_resumes(tmp_path):
     assert proc.returncode == 0 and json.loads(proc.stdout)["summary"] == summary
     assert (out / "defaults" / "seed1" / "best_model.pth").stat().st_mtime == before
 
+@pytest.mark.e2e
 def test_evaluate_bench_json_on_cpu():
     """bench/evaluate.py: one row per data set and --metric-workers value (no time is asserted)."""
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "evaluate.py"), "--device", "cpu",

@@ -5,14 +5,16 @@ import os
 import subprocess
 import sys
 
-from data import make_demo_dataset
+import pytest
+
+pytestmark = pytest.mark.e2e  # bench/data.py in a fresh interpreter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_data_bench_json_on_cpu(tmp_path):
-    demo = make_demo_dataset(str(tmp_path / "demo"), n_train=6, n_test=1, size=64, seed=0)
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "data.py"), "--dataset-path", demo,
+def test_data_bench_json_on_cpu(demo):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "data.py"), "--dataset-path",
+                           demo(n_train=6, n_test=1, size=64, seed=0),
                            "--generated", "4", "--img-size", "64", "--batch-size", "4", "--batches", "2",
                            "--workers", "0", "1", "--json"],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)

@@ -17,7 +17,7 @@ import torch
 
 import data.cache as cache_mod
 import train_ultimate
-from data import Sample, SegDataset, aug_preset, build_cache, build_loader, make_demo_dataset
+from data import Sample, SegDataset, aug_preset, build_cache, build_loader
 from core.errors import UserError
 from training.config import Config
 
@@ -221,6 +221,7 @@ def test_an_unwritable_cache_dir_is_one_line(tmp_path):
     Config(cache=False, cache_dir=str(blocker / "arrays"), checkpoint_dir=str(tmp_path / "ck")).validate()
 
 
+@pytest.mark.e2e
 def test_train_with_cache_matches_a_run_without(tmp_path, monkeypatch, caplog):
     """The built-in demo data (generated under a temporary HOME, where the default --cache-dir is too)."""
     caplog.set_level(logging.INFO)  # pytest's root logger: INFO lines reach train.log as on the command line
@@ -233,7 +234,7 @@ def test_train_with_cache_matches_a_run_without(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     args = ["train", "--dataset-path", "demo", "--backbone", "edgenext_xx_small", "--no-pretrained",
             "--img-size", "64", "--epochs", "2", "--stage1-epochs", "1", "--limit-batches", "2",
-            "--num-workers", "0", "--device", "cpu", "--no-progress"]
+            "--num-workers", "0", "--device", "cpu", "--no-progress", "--no-curves"]
     arrays = str(tmp_path / "home" / ".cache" / "cod_ultimate" / "arrays")
     runs = {}
     for name, extra in (("plain", []), ("cached", ["--cache"])):
@@ -254,14 +255,15 @@ def test_train_with_cache_matches_a_run_without(tmp_path, monkeypatch, caplog):
     assert len(os.listdir(arrays)) == 2  # the test set is read from its files
 
 
-def test_not_enough_space_stops_train_at_start_up(tmp_path, monkeypatch, capsys):
+@pytest.mark.e2e
+def test_not_enough_space_stops_train_at_start_up(demo, tmp_path, monkeypatch, capsys):
     """One error line, and the checkpoint folder holds no run: the same command without --cache runs."""
-    demo = make_demo_dataset(str(tmp_path / "demo"), n_train=12, n_test=2, size=64, seed=1)
+    root = demo(n_train=12, n_test=2, size=64, seed=1)
     usage = shutil.disk_usage(str(tmp_path))
     monkeypatch.setattr(cache_mod.shutil, "disk_usage", lambda path: usage._replace(free=10_000))
-    args = ["train", "--dataset-path", demo, "--checkpoint-dir", str(tmp_path / "ck"), "--backbone",
+    args = ["train", "--dataset-path", root, "--checkpoint-dir", str(tmp_path / "ck"), "--backbone",
             "edgenext_xx_small", "--no-pretrained", "--img-size", "64", "--epochs", "1", "--stage1-epochs", "0",
-            "--limit-batches", "1", "--num-workers", "0", "--device", "cpu", "--no-progress"]
+            "--limit-batches", "1", "--num-workers", "0", "--device", "cpu", "--no-progress", "--no-curves"]
     cache_dir = str(tmp_path / "arrays")
     assert train_ultimate.main([*args, "--cache", "--cache-dir", cache_dir]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -273,15 +275,16 @@ def test_not_enough_space_stops_train_at_start_up(tmp_path, monkeypatch, capsys)
     assert train_ultimate.main(args) == 0
 
 
-def test_train_rebuilds_a_truncated_cache(tmp_path, capsys, caplog):
+@pytest.mark.e2e
+def test_train_rebuilds_a_truncated_cache(demo, tmp_path, capsys, caplog):
     """The probe's case: images.npy cut short after a run; the next run with --cache says so in one
     line, builds the folder again and trains to the same metrics, with nothing on stderr."""
     caplog.set_level(logging.INFO)  # pytest's root logger: INFO lines reach train.log as on the command line
-    demo = make_demo_dataset(str(tmp_path / "demo"), n_train=12, n_test=2, size=64, seed=1)
     cache_dir = str(tmp_path / "arrays")
-    args = ["train", "--dataset-path", demo, "--backbone", "edgenext_xx_small", "--no-pretrained",
-            "--img-size", "64", "--epochs", "1", "--stage1-epochs", "0", "--limit-batches", "1",
-            "--num-workers", "0", "--device", "cpu", "--no-progress", "--cache", "--cache-dir", cache_dir]
+    args = ["train", "--dataset-path", demo(n_train=12, n_test=2, size=64, seed=1), "--backbone",
+            "edgenext_xx_small", "--no-pretrained", "--img-size", "64", "--epochs", "1", "--stage1-epochs", "0",
+            "--limit-batches", "1", "--num-workers", "0", "--device", "cpu", "--no-progress", "--no-curves",
+            "--cache", "--cache-dir", cache_dir]
     runs = [str(tmp_path / "first"), str(tmp_path / "second")]
     assert train_ultimate.main([*args, "--checkpoint-dir", runs[0]]) == 0
     train = max((os.path.join(cache_dir, d) for d in os.listdir(cache_dir)),

@@ -3,38 +3,24 @@ the exit status, the one-line message, no traceback, and that earlier files are 
 moved aside as promised."""
 
 import errno
-import hashlib
 import os
-import subprocess
-import sys
 
 import pytest
 
 import train_ultimate
-from data import make_demo_dataset
+from tests.helpers import cli as cli_process, digest
 from core import checkpoint as ckpt
 from training.folder import FolderLock
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.e2e  # every test runs train, nearly all in a process of its own
 TINY = ["--backbone", "edgenext_xx_small", "--no-pretrained", "--img-size", "64", "--stage1-epochs", "1",
-        "--limit-batches", "2", "--num-workers", "0", "--no-progress", "--num-experts", "2", "--batch-size", "4"]
+        "--limit-batches", "2", "--num-workers", "0", "--no-progress", "--num-experts", "2", "--batch-size", "4",
+        "--no-curves"]
 
 
 def cli(*args):
-    proc = subprocess.run([sys.executable, "train_ultimate.py", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+    proc = cli_process(*args)
     return proc.returncode, proc.stdout + proc.stderr
-
-
-def digest(folder):
-    """{relative path: sha256} of every file under ``folder``, the lock file aside."""
-    out = {}
-    for base, _, files in os.walk(folder):
-        for name in files:
-            if name != ".cod-run.lock":
-                path = os.path.join(base, name)
-                out[os.path.relpath(path, folder)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
-    return out
 
 
 def one_error_line(text):
@@ -44,8 +30,8 @@ def one_error_line(text):
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return make_demo_dataset(str(tmp_path_factory.mktemp("folder_demo")), n_train=12, n_test=2, size=64, seed=4)
+def root(demo):
+    return demo(n_train=12, n_test=2, size=64, seed=4)
 
 
 @pytest.fixture(scope="module")

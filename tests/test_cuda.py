@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import train_ultimate
-from data import make_demo_dataset
 from core import checkpoint as ckpt
 from training import loop, trainer
+
+pytestmark = pytest.mark.e2e
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
@@ -22,12 +23,12 @@ DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 FLAGS = ["--backbone", "edgenext_xx_small", "--no-pretrained", "--img-size", "64", "--num-workers", "0",
          "--no-progress", "--num-experts", "3", "--batch-size", "4", "--accumulation-steps", "2",
          "--limit-batches", "3", "--epochs", "3", "--stage1-epochs", "1", "--scheduler", "cosine",
-         "--lr", "1e-3", "--min-lr", "1e-5", "--ema", "--deep-supervision", "--seed", "4"]
+         "--lr", "1e-3", "--min-lr", "1e-5", "--ema", "--deep-supervision", "--seed", "4", "--no-curves"]
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return make_demo_dataset(str(tmp_path_factory.mktemp("cuda_demo")), n_train=16, n_test=2, size=64, seed=3)
+def root(demo):
+    return demo(n_train=16, n_test=2, size=64, seed=3)
 
 
 def train(root, out, *extra):

@@ -12,7 +12,6 @@
   prints one line to go on, a torchrun command.
 """
 
-import csv
 import json
 import os
 import shlex
@@ -30,17 +29,16 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 import train_ultimate
-from data import make_demo_dataset
-from tests.test_signals import DRIVER
+from tests.helpers import REPO, rows
 from core import checkpoint as ckpt
 from training import build, loop
 from training.config import Config
 from core.runtime import DistributedRuntime, Runtime
 from training.build import load_data, make_loader, seed_everything
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.e2e  # several processes each: torchrun, or spawned as torchrun would
 TINY = ["--backbone", "edgenext_xx_small", "--no-pretrained", "--img-size", "64", "--device", "cpu",
-        "--num-workers", "0", "--no-progress", "--num-experts", "3"]
+        "--num-workers", "0", "--no-progress", "--num-experts", "3", "--no-curves"]
 
 
 def free_port() -> int:
@@ -55,8 +53,8 @@ def dist_env(rank: int, world: int, port: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return make_demo_dataset(str(tmp_path_factory.mktemp("ddp_demo")), n_train=24, n_test=2, size=64, seed=5)
+def root(demo):
+    return demo(n_train=24, n_test=2, size=64, seed=5)
 
 
 # ---- the step and validation, process by process -----------------------------------------------
@@ -128,11 +126,6 @@ def test_two_processes_step_and_validate_like_one(root, tmp_path):
 
 # ---- the command line under torchrun -------------------------------------------------------------
 
-def rows(folder):
-    with open(os.path.join(folder, "metrics.csv")) as f:
-        return list(csv.DictReader(f))
-
-
 ORDER_DRIVER = """
 import json, os, sys
 sys.path.insert(0, {repo!r})
@@ -156,9 +149,9 @@ if __name__ == "__main__":
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory):
+def small(demo):
     """8 training images and 2 validation images (--val-split 0.2): one optimizer step an epoch sees them all."""
-    return make_demo_dataset(str(tmp_path_factory.mktemp("ddp_small")), n_train=10, n_test=2, size=64, seed=5)
+    return demo(n_train=10, n_test=2, size=64, seed=5)
 
 
 def assert_same_metrics(ddp: list, one: list) -> None:
@@ -231,11 +224,9 @@ def test_torchrun_trains_like_one_process_and_resumes_in_one(small, tmp_path):
     assert [r["unfreeze_level"] for r in got][-1] == "3"
 
 
-def test_sigterm_to_one_process_stops_both_at_the_same_step(root, tmp_path):
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER.format(repo=REPO))
+def test_sigterm_to_one_process_stops_both_at_the_same_step(root, signal_driver, tmp_path):
     out, marker, port = str(tmp_path / "killed"), str(tmp_path / "marker"), free_port()
-    args = [sys.executable, str(driver), "train", "--dataset-path", root, "--checkpoint-dir", out, *TINY,
+    args = [sys.executable, signal_driver, "train", "--dataset-path", root, "--checkpoint-dir", out, *TINY,
             "--epochs", "2", "--stage1-epochs", "1", "--limit-batches", "3", "--batch-size", "2"]
     procs = []
     for rank in range(2):
@@ -267,18 +258,16 @@ def assert_stopped_after_update_1(out: str) -> None:
     assert [f for f in os.listdir(out) if f.endswith(".pth")] == ["last.pth"]
 
 
-def test_sigterm_to_torchrun_says_once_how_to_go_on_with_torchrun(small, tmp_path):
+def test_sigterm_to_torchrun_says_once_how_to_go_on_with_torchrun(small, signal_driver, tmp_path):
     """SIGTERM to torchrun's process group (``timeout``, Ctrl-C, ``docker stop``): the workers save
     last.pth and rank 0 prints one line to go on, a torchrun command. torchrun itself (its agent
     forwards the signal, waits for the workers, then raises its SignalException) exits 1 with its
     own traceback, as docs/multi-gpu.md says."""
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER.format(repo=REPO))
     out, marker = str(tmp_path / "killed"), str(tmp_path / "marker")
     args = ["train", "--dataset-path", small, "--checkpoint-dir", out, *TINY, "--epochs", "2", "--stage1-epochs",
             "1", "--limit-batches", "2", "--batch-size", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "SIGNAL_MARKER": marker}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver), *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", signal_driver, *args]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     t0 = time.time()

@@ -56,6 +56,7 @@ def test_a_broken_package_is_one_line_with_its_install_command(module, source, m
     assert "Traceback" not in out + err
 
 
+@pytest.mark.e2e
 def test_the_check_runs_before_anything_imports_pysodmetrics():
     """In a fresh interpreter: building the parser imports pysodmetrics, so the check must come first."""
     code = ("import runpy, sys; sys.modules['py_sod_metrics'] = None; "

@@ -10,12 +10,13 @@ import re
 import pytest
 
 import train_ultimate
-from data import make_demo_dataset
-from tests.test_usage_commands import make_cod10k, parse_commands
+from tests.helpers import make_cod10k, parse_commands
+
+pytestmark = pytest.mark.e2e
 
 DOC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "resume.md")
 SHRINK = ["--stage1-epochs", "1", "--img-size", "64", "--limit-batches", "2", "--num-workers", "0",
-          "--no-pretrained", "--no-progress"]
+          "--no-pretrained", "--no-progress", "--no-curves"]
 EPOCHS = {"120": "2", "150": "3"}
 
 
@@ -23,9 +24,8 @@ def doc_commands(path):
     return parse_commands("\n".join(re.findall(r"```bash\n(.*?)```", open(path).read(), flags=re.S)))
 
 
-def test_resume_doc_commands_run_in_order(tmp_path, capsys):
-    demo = make_demo_dataset(str(tmp_path / "demo"), n_train=16, n_test=2, size=64, seed=1)
-    cod = make_cod10k(str(tmp_path / "COD10K-v3"), demo)
+def test_resume_doc_commands_run_in_order(demo, tmp_path, capsys):
+    cod = make_cod10k(str(tmp_path / "COD10K-v3"), demo(n_train=16, n_test=2, size=64, seed=1))
     work = str(tmp_path / "working")
     commands = doc_commands(DOC)
     assert [c[2] for c in commands] == ["train", "train", "schedule", "train"]

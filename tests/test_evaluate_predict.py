@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import train_ultimate
-from data import find_dataset, load_image, load_mask, make_demo_dataset
+from data import find_dataset, load_image, load_mask
 from core.errors import UserError
 from evaluation import METRIC_KEYS, SegMetrics
 from evaluation.cli import add_evaluate_arguments, add_predict_arguments, run_evaluate, run_predict
@@ -35,14 +35,13 @@ STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    base = tmp_path_factory.mktemp("evalpred")
-    root = make_demo_dataset(str(base / "demo"), n_train=8, n_test=4, size=64, seed=0)
-    ck = base / "ck"
+def run(demo, tmp_path_factory):
+    root = demo(n_train=8, n_test=4, size=64, seed=0)
+    ck = tmp_path_factory.mktemp("evalpred") / "ck"
     assert train_ultimate.main([
         "train", "--dataset-path", root, "--checkpoint-dir", str(ck), "--backbone", "edgenext_xx_small",
         "--no-pretrained", "--img-size", "64", "--epochs", "1", "--stage1-epochs", "1", "--limit-batches", "1",
-        "--num-workers", "0", "--no-progress", "--ema", "--device", "cpu"]) == 0
+        "--num-workers", "0", "--no-progress", "--ema", "--device", "cpu", "--no-curves"]) == 0
     test_dir = os.path.join(root, "TestDataset", "demo")
     images = sorted(os.path.join(test_dir, "Imgs", f) for f in os.listdir(os.path.join(test_dir, "Imgs")))
     masks = [os.path.join(test_dir, "GT", os.path.splitext(os.path.basename(p))[0] + ".png") for p in images]
@@ -105,6 +104,7 @@ def assert_close(got: dict, want: dict, tol=2e-5):
 
 # ---- evaluate ---------------------------------------------------------------------------------
 
+@pytest.mark.e2e
 def test_evaluate_equals_segmetrics_by_hand_at_gt_resolution(run, tmp_path, caplog):
     caplog.set_level(logging.INFO)
     # --img-size 96: the model sees 96 px, its predictions are resized to the 64 px masks
@@ -127,6 +127,7 @@ def test_evaluate_equals_segmetrics_by_hand_at_gt_resolution(run, tmp_path, capl
                                                                               abs=5e-4)
 
 
+@pytest.mark.e2e
 def test_evaluate_use_ema_reproduces_the_runs_test_metrics(run, tmp_path):
     assert evaluate("--checkpoint", run.ckpt, "--dataset-path", run.root, "--use-ema",
                     "--out-dir", str(tmp_path)) == 0
@@ -137,6 +138,7 @@ def test_evaluate_use_ema_reproduces_the_runs_test_metrics(run, tmp_path):
     assert_close(report["results"]["demo"], trained)
 
 
+@pytest.mark.e2e
 def test_evaluate_flip_tta_averages_the_mirrored_prediction(run, tmp_path):
     assert evaluate("--checkpoint", run.ckpt, "--dataset-path", run.root, "--tta", "flip",
                     "--out-dir", str(tmp_path)) == 0
@@ -156,6 +158,7 @@ def test_predict_probs_flip_shape_and_value():
     torch.testing.assert_close(flip, (plain + mirrored) / 2)
 
 
+@pytest.mark.e2e
 def test_evaluate_root_with_test_sets_only_and_limit(run, tmp_path):
     root = tmp_path / "only_test"
     shutil.copytree(os.path.join(run.root, "TestDataset"), root / "TestDataset")
@@ -169,6 +172,7 @@ def test_evaluate_root_with_test_sets_only_and_limit(run, tmp_path):
     assert report["images"] == {"demo": 2} and report["limit"] == 2
 
 
+@pytest.mark.e2e
 def test_find_dataset_cod10k_test_folder_only(run, tmp_path):
     root = tmp_path / "COD10K-v3"
     for sub in ("Image", "GT_Object"):
@@ -184,6 +188,7 @@ def test_find_dataset_cod10k_test_folder_only(run, tmp_path):
     assert len(find_dataset(str(root), require_train=False, include_noncam=True).tests["COD10K"]) == 3
 
 
+@pytest.mark.e2e
 def test_evaluate_errors_name_the_file(run, tmp_path):
     missing = str(tmp_path / "nope.pth")
     with pytest.raises(UserError, match="nope.pth"):
@@ -197,6 +202,7 @@ def test_evaluate_errors_name_the_file(run, tmp_path):
         evaluate("--checkpoint", run.ckpt, "--dataset-path", str(tmp_path / "train_only"))
 
 
+@pytest.mark.e2e
 def test_bare_state_dict_needs_backbone(run, tmp_path, caplog):
     bare = tmp_path / "bare.pth"
     torch.save(ckpt.load(run.ckpt)["model"], bare)
@@ -233,6 +239,7 @@ def read_png(path):
     return cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
 
 
+@pytest.mark.e2e
 def test_predict_writes_probability_pngs_at_original_size_overlays_and_zip(run, inputs, tmp_path):
     out, archive = tmp_path / "out", tmp_path / "masks.zip"
     assert predict("--checkpoint", run.ckpt, "--input", inputs.folder, "--output", str(out), "--overlay",
@@ -253,6 +260,7 @@ def test_predict_writes_probability_pngs_at_original_size_overlays_and_zip(run, 
         assert sorted(z.namelist()) == sorted(names)
 
 
+@pytest.mark.e2e
 def test_predict_threshold_gives_binary_masks(run, inputs, tmp_path):
     assert predict("--checkpoint", run.ckpt, "--input", inputs.folder, "--output", str(tmp_path / "p")) == 0
     assert predict("--checkpoint", run.ckpt, "--input", inputs.folder, "--output", str(tmp_path / "b"),
@@ -268,6 +276,7 @@ def test_predict_threshold_gives_binary_masks(run, inputs, tmp_path):
         assert np.array_equal((prob >= 128)[clear], (binary == 255)[clear])
 
 
+@pytest.mark.e2e
 def test_predicted_pngs_score_as_evaluate_does(run, tmp_path):
     out = tmp_path / "pred"
     imgs = os.path.dirname(run.images[0])
@@ -281,6 +290,7 @@ def test_predicted_pngs_score_as_evaluate_does(run, tmp_path):
     assert_close(metrics.results(), read_json(tmp_path)["results"]["demo"])
 
 
+@pytest.mark.e2e
 def test_predict_single_file_and_input_errors(run, inputs, tmp_path):
     assert predict("--checkpoint", run.ckpt, "--input", os.path.join(inputs.folder, "b.png"),
                    "--output", str(tmp_path / "one")) == 0

@@ -2,7 +2,6 @@
 finishes with a finite best model; a flat metric restarts the schedule by the rule; a resume with a
 larger --epochs never re-freezes what was trained."""
 
-import csv
 import logging
 import math
 import os
@@ -13,14 +12,14 @@ import torch
 
 import schedulers
 import train_ultimate
-from data import make_demo_dataset
+from tests.helpers import rows
 from core import checkpoint as ckpt
 from training import build, trainer
 from training.guards import DivergenceGuard, RollbackNeeded
 
 FLAGS = ["--backbone", "edgenext_xx_small", "--no-pretrained", "--img-size", "64", "--num-workers", "0",
          "--no-progress", "--num-experts", "2", "--batch-size", "2", "--limit-batches", "6", "--seed", "7",
-         "--scheduler", "cosine", "--lr", "1e-3", "--min-lr", "1e-5"]
+         "--scheduler", "cosine", "--lr", "1e-3", "--min-lr", "1e-5", "--no-curves"]
 
 
 FLAT = {"loss": 1.0, "sm": 0.5, "wfm": 0.3, "em_mean": 0.5, "em_adp": 0.5, "em_max": 0.5, "fm_mean": 0.3,
@@ -28,13 +27,8 @@ FLAT = {"loss": 1.0, "sm": 0.5, "wfm": 0.3, "em_mean": 0.5, "em_adp": 0.5, "em_m
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return make_demo_dataset(str(tmp_path_factory.mktemp("guards")), n_train=20, n_test=2, size=64, seed=6)
-
-
-def rows(folder):
-    with open(os.path.join(folder, "metrics.csv")) as f:
-        return list(csv.DictReader(f))
+def root(demo):
+    return demo(n_train=20, n_test=2, size=64, seed=6)
 
 
 def plant(monkeypatch, bad_calls: set, how):
@@ -123,6 +117,7 @@ def test_guard_window_round_trips_through_its_state():
     assert list(again.losses) == [] and again.bad_in_row == 0 and again.first is None
 
 
+@pytest.mark.e2e
 def test_planted_nan_rolls_back_to_exactly_the_fault_free_run(root, fault_free, tmp_path, monkeypatch,
                                                                caplog):
     """--lr-backoff 1 retries the epoch at the same LR: with the state restored (weights, optimizer,
@@ -140,6 +135,7 @@ def test_planted_nan_rolls_back_to_exactly_the_fault_free_run(root, fault_free, 
     assert last["guards"]["rollbacks"] == 1 and last["guards"]["backoff"] == 1.0
 
 
+@pytest.mark.e2e
 def test_planted_spike_rolls_back_to_exactly_the_fault_free_run(root, fault_free, tmp_path, monkeypatch,
                                                                  caplog):
     out = str(tmp_path / "spike")
@@ -152,6 +148,7 @@ def test_planted_spike_rolls_back_to_exactly_the_fault_free_run(root, fault_free
     assert_same_run(fault_free, out, events=False)
 
 
+@pytest.mark.e2e
 def test_planted_spike_lowers_the_lr(root, tmp_path, monkeypatch):
     out = str(tmp_path / "spike")
     plant(monkeypatch, {20}, lambda loss: loss * 1000.0)  # epoch 3, after 12+ steps of history
@@ -166,6 +163,7 @@ def test_planted_spike_lowers_the_lr(root, tmp_path, monkeypatch):
     assert last["guards"]["rollbacks"] == 1 and last["guards"]["backoff"] == pytest.approx(0.7)
 
 
+@pytest.mark.e2e
 def test_a_resume_judges_spikes_against_the_saved_window(root, tmp_path, monkeypatch):
     """A x10 loss right after the resume point: the straight run's window (12 losses) calls it a
     spike; the resumed run must too, so the window travels in last.pth."""
@@ -181,6 +179,7 @@ def test_a_resume_judges_spikes_against_the_saved_window(root, tmp_path, monkeyp
     assert_same_run(straight, split)
 
 
+@pytest.mark.e2e
 def test_a_stop_before_validation_resumes_with_the_rollback_lr(root, tmp_path, monkeypatch):
     """A rollback in epoch 2 (LR x0.7), then a stop between epoch 3's training and its validation:
     the resumed epoch logs the LR training used (7e-4), as the straight run does."""
@@ -212,6 +211,7 @@ def test_a_stop_before_validation_resumes_with_the_rollback_lr(root, tmp_path, m
     ("30", "3", "above 25 x the running median"),  # the second update's loss
     ("1e5", "1", "validation loss"),  # one update an epoch: only validation sees it (finite, 1e10)
 ])
+@pytest.mark.e2e
 def test_a_blow_up_in_the_first_steps_is_never_saved(root, tmp_path, capsys, lr, batches, seen):
     """The loss grows by orders of magnitude in the first updates, before a spike can be judged:
     the guard rolls back as for a NaN, and nothing of it is saved as best or last, or advised."""
@@ -224,6 +224,7 @@ def test_a_blow_up_in_the_first_steps_is_never_saved(root, tmp_path, capsys, lr,
     assert not any(f.endswith(".pth") for f in os.listdir(out))
 
 
+@pytest.mark.e2e
 def test_after_a_collapse_the_advice_is_best_model(root, tmp_path, monkeypatch, capsys):
     """Validation collapsed in epoch 2 (IoU 0.4 -> 0.1, finite), then the run diverged: resuming from
     last.pth would start from the collapse, so the stop message names best_model.pth."""
@@ -242,6 +243,7 @@ def test_after_a_collapse_the_advice_is_best_model(root, tmp_path, monkeypatch, 
     assert "resume from best_model.pth" in err and "Traceback" not in err
 
 
+@pytest.mark.e2e
 def test_too_many_rollbacks_stop_with_the_last_good_checkpoint(root, tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "hopeless")
     plant(monkeypatch, set(range(9, 10_000)), lambda loss: loss * float("nan"))  # from epoch 2 on
@@ -253,6 +255,7 @@ def test_too_many_rollbacks_stop_with_the_last_good_checkpoint(root, tmp_path, m
     assert ckpt.load(os.path.join(out, "last.pth"))["epoch"] == 0
 
 
+@pytest.mark.e2e
 def test_flat_metric_restarts_the_schedule_by_the_rule(root, tmp_path, monkeypatch, caplog):
     out = str(tmp_path / "plateau")
     monkeypatch.setattr(trainer, "validate_epoch", lambda run, loader: dict(FLAT))
@@ -290,6 +293,7 @@ def plateau_straight(root, tmp_path_factory):
     return out
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("split_after", [3, 4])
 def test_a_stop_at_the_restart_boundary_resumes_the_restart(root, plateau_straight, tmp_path, split_after):
     """A run stopped right after the restart's epoch (or one later) and resumed equals the straight
@@ -301,6 +305,7 @@ def test_a_stop_at_the_restart_boundary_resumes_the_restart(root, plateau_straig
     assert_same_run(straight, split)
 
 
+@pytest.mark.e2e
 def test_plateau_patience_counts_stage2_epochs_only(root, tmp_path, monkeypatch):
     """3 flat stage-1 epochs do not count: with patience 2 the restart comes after stage-2 epochs 4
     and 5, at epoch 6."""
@@ -311,6 +316,7 @@ def test_plateau_patience_counts_stage2_epochs_only(root, tmp_path, monkeypatch)
     assert [r["events"] for r in rows(out)] == ["", "", "", "", "", "restart", ""]
 
 
+@pytest.mark.e2e
 def test_resume_with_more_epochs_never_refreezes(root, tmp_path, caplog):
     out = str(tmp_path / "unfreeze")
     base = ["train", "--dataset-path", root, "--checkpoint-dir", out, *FLAGS, "--stage1-epochs", "1",

@@ -19,7 +19,7 @@ import pytest
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from tests.test_usage_commands import parse_commands
+from tests.helpers import parse_commands
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 README = open(os.path.join(ROOT, "README.md")).read()
@@ -107,6 +107,7 @@ def downgrades(installed, new):
             if n in installed and Version(v) < Version(installed[n])}
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_kaggle_install_downgrades_nothing(tmp_path):
     try:

@@ -17,28 +17,26 @@ import pytest
 import torch
 
 import train_ultimate
-from data import make_demo_dataset
 from core.errors import UserError
 from evaluation.pool import CHUNK, MetricPool, PoolScorer, default_metric_workers
 from evaluation.scorer import Scorer
 from losses import build_loss
 from models import build_model
-from tests.test_signals import finish, wait_for
+from tests.helpers import REPO, finish, wait_for
 from training import loop
 from training.config import Config
 from core.runtime import Runtime
 from training.build import load_data, make_loader
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = ["--backbone", "edgenext_xx_small", "--no-pretrained", "--img-size", "64", "--epochs", "2",
-         "--stage1-epochs", "1", "--limit-batches", "2", "--num-workers", "0", "--device", "cpu", "--no-progress"]
+         "--stage1-epochs", "1", "--limit-batches", "2", "--num-workers", "0", "--device", "cpu", "--no-progress",
+         "--no-curves"]
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo96(demo):
     """Demo data at 96 px: the 64 px predictions are resized to the masks' size before scoring."""
-    return make_demo_dataset(str(tmp_path_factory.mktemp("metric_workers") / "demo"), n_train=16, n_test=8,
-                             size=96, seed=2)
+    return demo(n_train=16, n_test=8, size=96, seed=2)
 
 
 @pytest.fixture
@@ -145,6 +143,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("mid_message", [False, True])
 def test_the_workers_exit_when_the_main_process_is_killed(tmp_path, mid_message):
     """Mid-message, a worker used to wait forever for the rest of the chunk (and kept the forkserver
@@ -175,10 +174,10 @@ def test_the_default_is_num_workers_within_the_cpus(monkeypatch):
     assert Config(num_workers=1, metric_workers=0).effective_metric_workers == 0
 
 
-def test_validate_in_two_workers_equals_the_main_process(demo, started):
+def test_validate_in_two_workers_equals_the_main_process(demo96, started):
     results = []
     for workers in (2, 0):
-        cfg = Config(dataset_path=demo, backbone="edgenext_xx_small", pretrained=False, img_size=64,
+        cfg = Config(dataset_path=demo96, backbone="edgenext_xx_small", pretrained=False, img_size=64,
                      num_workers=0, metric_workers=workers, device="cpu", amp="off", progress=False,
                      val_split=0.5).validate()
         torch.manual_seed(0)
@@ -190,31 +189,32 @@ def test_validate_in_two_workers_equals_the_main_process(demo, started):
     assert len(started) == 2 and all(gone(pid) for pid in started)  # validate() ended the pool it started
 
 
-def train(demo, out, workers):
-    assert train_ultimate.main(["train", "--dataset-path", demo, "--checkpoint-dir", str(out),
+def train(root, out, workers):
+    assert train_ultimate.main(["train", "--dataset-path", root, "--checkpoint-dir", str(out),
                                 "--metric-workers", str(workers), *TRAIN]) == 0
     with open(out / "metrics.csv") as f:
         return list(csv.reader(f)), json.loads((out / "test_metrics.json").read_text())["results"]
 
 
-def test_train_and_evaluate_with_workers_equal_the_main_process(demo, tmp_path, started, capsys):
-    rows, test = train(demo, tmp_path / "w2", 2)
+@pytest.mark.e2e
+def test_train_and_evaluate_with_workers_equal_the_main_process(demo96, tmp_path, started, capsys):
+    rows, test = train(demo96, tmp_path / "w2", 2)
     assert len(started) == 2 and all(gone(pid) for pid in started)  # one pool for the whole run
-    assert (rows, test) == train(demo, tmp_path / "w0", 0)
+    assert (rows, test) == train(demo96, tmp_path / "w0", 0)
     assert len(rows) == 3 and "val_sm" in rows[0]
 
     ckpt = str(tmp_path / "w2" / "best_model.pth")
     reports = []
     for workers in ("2", "0"):
         out = tmp_path / f"eval{workers}"
-        assert train_ultimate.main(["evaluate", "--checkpoint", ckpt, "--dataset-path", demo, "--device", "cpu",
+        assert train_ultimate.main(["evaluate", "--checkpoint", ckpt, "--dataset-path", demo96, "--device", "cpu",
                                     "--num-workers", "0", "--no-progress", "--out-dir", str(out),
                                     "--metric-workers", workers]) == 0
         reports.append(json.loads((out / "eval_results.json").read_text())["results"])
     assert reports[0] == reports[1] and len(started) == 4 and all(gone(pid) for pid in started)
 
     broken = tmp_path / "broken"
-    shutil.copytree(demo, broken)
+    shutil.copytree(demo96, broken)
     bad = sorted((broken / "TestDataset" / "demo" / "GT").iterdir())[5]
     bad.write_bytes(b"\x89PNG these bytes are no image")
     capsys.readouterr()
@@ -254,10 +254,11 @@ else:  # a metric worker, which imports this file as __mp_main__: its chunks are
 """
 
 
-def test_a_signal_to_the_group_during_validation_reaches_only_the_main_process(demo, tmp_path):
+@pytest.mark.e2e
+def test_a_signal_to_the_group_during_validation_reaches_only_the_main_process(demo96, tmp_path):
     driver, marker, out = tmp_path / "driver.py", str(tmp_path / "marker"), str(tmp_path / "killed")
     driver.write_text(DRIVER.format(repo=REPO))
-    proc = subprocess.Popen([sys.executable, str(driver), "train", "--dataset-path", demo, "--checkpoint-dir", out,
+    proc = subprocess.Popen([sys.executable, str(driver), "train", "--dataset-path", demo96, "--checkpoint-dir", out,
                              *TRAIN, "--metric-workers", "2", "--val-split", "0.5"], cwd=REPO,
                             env={**os.environ, "SIGNAL_MARKER": marker, "PYTHONUNBUFFERED": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)

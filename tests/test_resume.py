@@ -1,6 +1,5 @@
 """Resume you can trust: pieces == one straight run, plateau-breaking restarts, signals, no lost rows."""
 
-import csv
 import math
 import os
 import signal
@@ -10,9 +9,11 @@ import torch
 
 import schedulers
 import train_ultimate
-from data import make_demo_dataset
+from tests.helpers import assert_same_run, rows
 from core import checkpoint as ckpt
 from training import loop
+
+pytestmark = pytest.mark.e2e
 
 # accumulation 2 with 3 batches (a partial last group), warm-up, progressive unfreeze, deep
 # supervision, EMA, dropout and drop-path (so the RNG state matters), 4 epochs over both stages
@@ -21,12 +22,12 @@ FLAGS = ["--backbone", "edgenext_xx_small", "--no-pretrained", "--img-size", "64
          "--limit-batches", "3", "--epochs", "4", "--stage1-epochs", "1", "--warmup-epochs", "1",
          "--scheduler", "cosine", "--lr", "1e-3", "--stage2-lr", "5e-4", "--min-lr", "1e-5",
          "--progressive-unfreeze", "--unfreeze-interval", "1", "--deep-supervision", "--ema",
-         "--dropout", "0.1", "--drop-path", "0.1", "--seed", "5"]
+         "--dropout", "0.1", "--drop-path", "0.1", "--seed", "5", "--no-curves"]
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return make_demo_dataset(str(tmp_path_factory.mktemp("demo")), n_train=20, n_test=2, size=64, seed=2)
+def root(demo):
+    return demo(n_train=20, n_test=2, size=64, seed=2)
 
 
 @pytest.fixture(scope="module")
@@ -34,21 +35,6 @@ def straight(root, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("straight"))
     assert train_ultimate.main(["train", "--dataset-path", root, "--checkpoint-dir", out, *FLAGS]) == 0
     return out
-
-
-def rows(folder):
-    with open(os.path.join(folder, "metrics.csv")) as f:
-        return list(csv.DictReader(f))
-
-
-def assert_same_run(a, b):
-    la, lb = ckpt.load(os.path.join(a, "last.pth")), ckpt.load(os.path.join(b, "last.pth"))
-    for key in la["model"]:
-        torch.testing.assert_close(la["model"][key], lb["model"][key], rtol=0, atol=1e-5, msg=key)
-    for key in la["ema"]["module"]:
-        torch.testing.assert_close(la["ema"]["module"][key], lb["ema"]["module"][key], rtol=0, atol=1e-5)
-    assert la["global_step"] == lb["global_step"]
-    assert rows(a) == rows(b)  # every LR, loss term and metric, as written
 
 
 def test_four_single_epoch_pieces_equal_one_straight_run(root, straight, tmp_path):

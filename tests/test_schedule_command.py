@@ -16,12 +16,11 @@ import pytest
 import torch
 
 import train_ultimate
-from data import make_demo_dataset
 from training import trainer
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 TINY = ["--backbone", "edgenext_xx_small", "--no-pretrained", "--img-size", "64", "--num-workers", "0",
-        "--no-progress", "--num-experts", "2", "--decoder-channels", "16"]
+        "--no-progress", "--num-experts", "2", "--decoder-channels", "16", "--no-curves"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -145,9 +144,9 @@ def test_schedule_csv_matches_the_contract(tmp_path, capsys, kind, warmup, extra
 # ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
+def demo_root(demo):
     # 10 images -> 9 train + 1 val (val split 0.1); batch 2 -> 4 batches, capped at 3 below
-    return make_demo_dataset(str(tmp_path_factory.mktemp("demo")), n_train=10, n_test=2, size=64, seed=0)
+    return demo(n_train=10, n_test=2, size=64, seed=0)
 
 
 @pytest.fixture
@@ -169,6 +168,7 @@ def record_steps(monkeypatch):
     ("cosine", []),
     ("onecycle", ["--backbone-lr-mult", "0.3"]),
 ])
+@pytest.mark.e2e
 def test_training_applies_exactly_the_scheduled_lrs(demo_root, tmp_path, record_steps, kind, extra):
     flags = ["--dataset-path", demo_root, "--checkpoint-dir", str(tmp_path / "ckpt"),
              "--scheduler", kind, "--epochs", "4", "--stage1-epochs", "1",
@@ -250,6 +250,7 @@ def run_with_one_improvement(monkeypatch, demo_root, tmp_path, flags):
         return [int(r["epoch"]) for r in csv.DictReader(f)]
 
 
+@pytest.mark.e2e
 def test_early_stopping_counts_from_each_lr_restart(monkeypatch, demo_root, tmp_path):
     # stage 2 = epochs 2-5 with a restart at the start of epochs 3, 4, 5 (1-epoch cycles): patience 2
     # can never run out, since no two epochs in a row lie in one cycle. Without the reset at
@@ -260,6 +261,7 @@ def test_early_stopping_counts_from_each_lr_restart(monkeypatch, demo_root, tmp_
     assert ran == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.e2e
 def test_early_stopping_counts_from_stage2_start_and_stops_without_restarts(monkeypatch, demo_root,
                                                                             tmp_path):
     # cosine has no restarts: epoch 2 is the first miss, epoch 3 (stage 2 starts) counts again from

@@ -7,7 +7,6 @@ nothing else). A small driver wraps the trainer's optimizer step: after the firs
 marker file and sleeps, so the test's signal lands inside a known step.
 """
 
-import csv
 import os
 import signal
 import subprocess
@@ -19,46 +18,20 @@ import torch
 
 import data
 import train_ultimate
-from data import make_demo_dataset
-from tests.test_resume import assert_same_run
+from tests.helpers import REPO, assert_same_run, finish, rows, wait_for
 from core import checkpoint as ckpt
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # 3 batches of 4 with accumulation 2: updates after batches 2 and 3 of each epoch; 2 workers
 FLAGS = ["--backbone", "edgenext_xx_small", "--no-pretrained", "--img-size", "64", "--num-workers", "2",
          "--no-progress", "--num-experts", "3", "--batch-size", "4", "--accumulation-steps", "2",
          "--limit-batches", "3", "--epochs", "2", "--stage1-epochs", "1", "--scheduler", "cosine",
-         "--lr", "1e-3", "--min-lr", "1e-5", "--ema", "--dropout", "0.1", "--seed", "3"]
-
-DRIVER = """
-import os, sys, time
-sys.path.insert(0, {repo!r})
-from training import loop
-import train_ultimate
-
-real_step, marker, updates = loop.optimizer_step, os.environ.get("SIGNAL_MARKER"), [0]
-
-def step(*args, **kwargs):
-    real_step(*args, **kwargs)
-    updates[0] += 1
-    if marker and updates[0] == 1:
-        open(marker, "w").close()
-        time.sleep(float(os.environ.get("SIGNAL_SLEEP", "4")))  # the test signals the group now
-
-loop.optimizer_step = step
-if __name__ == "__main__":  # each metric worker imports this file too, as __mp_main__
-    sys.exit(train_ultimate.main(sys.argv[1:]))
-"""
+         "--lr", "1e-3", "--min-lr", "1e-5", "--ema", "--dropout", "0.1", "--seed", "3", "--no-curves"]
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    base = tmp_path_factory.mktemp("signals")
-    root = make_demo_dataset(str(base / "demo"), n_train=16, n_test=6, size=64, seed=1)
-    driver = base / "driver.py"
-    driver.write_text(DRIVER.format(repo=REPO))
-    return base, root, str(driver)
+def setup(tmp_path_factory, demo, signal_driver):
+    """(a folder for the runs, the demo data, the driver script: tests/helpers.py SIGNAL_DRIVER)"""
+    return tmp_path_factory.mktemp("signals"), demo(n_train=16, n_test=6, size=64, seed=1), signal_driver
 
 
 def start(setup, out, *extra, marker=None):
@@ -72,24 +45,6 @@ def start(setup, out, *extra, marker=None):
                             text=True, start_new_session=True)
 
 
-def finish(proc, timeout=240):
-    out, err = proc.communicate(timeout=timeout)
-    return proc.returncode, out + err
-
-
-def wait_for(path, proc, timeout=120):
-    t0 = time.time()
-    while not os.path.exists(path):
-        assert proc.poll() is None, finish(proc)[1]
-        assert time.time() - t0 < timeout, "the run never reached its first optimizer update"
-        time.sleep(0.05)
-
-
-def rows(folder):
-    with open(os.path.join(folder, "metrics.csv")) as f:
-        return list(csv.DictReader(f))
-
-
 @pytest.fixture(scope="module")
 def straight(setup):
     out = str(setup[0] / "straight")
@@ -98,6 +53,7 @@ def straight(setup):
     return out
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_to_the_process_group_saves_and_resumes_exactly(setup, straight, sig):
     out = str(setup[0] / f"killed_{sig.name}")
@@ -117,6 +73,7 @@ def test_signal_to_the_process_group_saves_and_resumes_exactly(setup, straight, 
     assert_same_run(straight, out)
 
 
+@pytest.mark.e2e
 def test_a_second_ctrl_c_stops_at_once(setup):
     out = str(setup[0] / "twice")
     marker = str(setup[0] / "marker_twice")
@@ -157,6 +114,7 @@ def train(setup, out, *extra):
                                 *extra])
 
 
+@pytest.mark.e2e
 def test_a_signal_during_validation_saves_the_trained_epoch_and_resumes_exactly(setup, monkeypatch, capsys):
     straight = str(setup[0] / "val_straight")
     assert train(setup, straight) == 0
@@ -175,6 +133,7 @@ def test_a_signal_during_validation_saves_the_trained_epoch_and_resumes_exactly(
     assert rows(straight) == rows(out)
 
 
+@pytest.mark.e2e
 def test_a_signal_during_test_scoring_keeps_the_trained_model(setup, monkeypatch, capsys):
     out = str(setup[0] / "test_killed")
     signal_on_mask_read(monkeypatch, 18)  # the first test batch
@@ -200,6 +159,7 @@ raise RuntimeError("a bug inside the training loop")
 """
 
 
+@pytest.mark.e2e
 def test_a_crash_with_live_workers_exits_instead_of_hanging(tmp_path):
     """Workers ignore SIGTERM; an exception while they are alive must still end the process."""
     script = tmp_path / "crash.py"

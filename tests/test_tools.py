@@ -17,7 +17,6 @@ import pytest
 import torch
 
 import train_ultimate
-from data import make_demo_dataset
 from training.report.curves import draw_curves
 from tools.lr_find import LRFindResult, suggest
 from training.report.tensorboard import TensorBoardLogger
@@ -37,10 +36,11 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Two tiny 3-epoch runs (stage 1 then 2) that differ in --lr: {'data': root, 'a': dir, 'b': dir}."""
+def runs(demo, tmp_path_factory):
+    """Two tiny 3-epoch runs (stage 1 then 2) that differ in --lr: {'data': root, 'a': dir, 'b': dir}.
+    The only training runs of the suite that draw curves.png (the others pass --no-curves)."""
     base = tmp_path_factory.mktemp("tools")
-    root = make_demo_dataset(str(base / "demo"), n_train=12, n_test=2, size=64, seed=3)
+    root = demo(n_train=12, n_test=2, size=64, seed=3)
     out = {"data": root}
     for name, lr in (("run_a", "1e-3"), ("run_b", "3e-4")):
         folder = str(base / name)
@@ -75,6 +75,7 @@ def suggested_lr(out: str) -> float:
 
 # ---- lr-find -----------------------------------------------------------------------------------
 
+@pytest.mark.e2e
 def test_lr_find_suggests_a_finite_lr_and_leaves_the_run_alone(runs, capsys):
     folder = runs["a"]
     before = snapshot(folder)
@@ -96,6 +97,7 @@ def test_lr_find_suggests_a_finite_lr_and_leaves_the_run_alone(runs, capsys):
     assert float(rows[0]["smoothed"]) == float(rows[0]["loss"])  # bias-corrected EMA starts at the loss
 
 
+@pytest.mark.e2e
 def test_lr_find_stage1_stops_when_the_loss_blows_up(runs, tmp_path, capsys):
     out = tmp_path / "fresh"
     assert train_ultimate.main(["lr-find", "--dataset-path", runs["data"], "--checkpoint-dir", str(out),
@@ -152,6 +154,14 @@ def test_curves_png_from_a_synthetic_history(tmp_path):
     assert os.listdir(tmp_path) == ["curves.png"]  # the temporary file was renamed, none left
 
 
+@pytest.mark.e2e
+def test_train_draws_curves_png_after_each_epoch(runs):
+    for run in (runs["a"], runs["b"]):
+        assert_png(os.path.join(run, "curves.png"))
+        assert not [f for f in os.listdir(run) if f.startswith(".tmp-")]  # each drawing renamed into place
+
+
+@pytest.mark.e2e
 def test_curves_png_from_metrics_csv_strings_and_no_crash_on_bad_rows(runs, tmp_path, caplog):
     with open(os.path.join(runs["a"], "metrics.csv"), newline="") as f:
         rows = list(csv.DictReader(f))  # strings, as read back from disk
@@ -208,6 +218,7 @@ def test_tensorboard_logger_writes_each_column_as_a_scalar(tmp_path, monkeypatch
 
 # ---- compare -----------------------------------------------------------------------------------
 
+@pytest.mark.e2e
 def test_compare_names_runs_by_folder_and_writes_the_plot(runs, tmp_path, capsys):
     out = tmp_path / "cmp.png"
     assert train_ultimate.main(["compare", runs["a"], runs["b"], "--out", str(out)]) == 0
@@ -221,6 +232,7 @@ def test_compare_names_runs_by_folder_and_writes_the_plot(runs, tmp_path, capsys
     assert_png(out)
 
 
+@pytest.mark.e2e
 def test_compare_a_folder_without_metrics_csv_is_one_error_line(runs, tmp_path, capsys):
     empty = tmp_path / "not_a_run"
     empty.mkdir()

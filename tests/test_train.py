@@ -1,36 +1,29 @@
 """End-to-end training runs on generated data (CPU, edgenext_xx_small, 64 px, a few batches)."""
 
-import csv
 import json
-import os
-import shutil
 
 import pytest
 import torch
 
 import train_ultimate
-from data import make_demo_dataset
 from core.errors import UserError
+from tests.helpers import rows as read_rows
 from core import checkpoint as ckpt
 
 TINY = ["--backbone", "edgenext_xx_small", "--no-pretrained", "--img-size", "64", "--num-workers", "0",
-        "--no-progress", "--num-experts", "3", "--batch-size", "4"]
+        "--no-progress", "--num-experts", "3", "--batch-size", "4", "--no-curves"]
 
 
 @pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    return make_demo_dataset(str(tmp_path_factory.mktemp("demo")), n_train=24, n_test=6, size=64, seed=3)
+def demo_root(demo):
+    return demo(n_train=24, n_test=6, size=64, seed=3)
 
 
 def run(args):
     return train_ultimate.main(["train", *args])
 
 
-def read_csv(path):
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
+@pytest.mark.e2e
 def test_two_stage_run_writes_checkpoints_metrics_and_test_scores(demo_root, tmp_path):
     out = tmp_path / "ckpt"
     rc = run(["--dataset-path", demo_root, "--checkpoint-dir", str(out), "--epochs", "3",
@@ -40,7 +33,8 @@ def test_two_stage_run_writes_checkpoints_metrics_and_test_scores(demo_root, tmp
     for name in ("best_model.pth", "last.pth", "metrics.csv", "config.json", "train.log",
                  "test_metrics.json"):
         assert (out / name).is_file(), name
-    rows = read_csv(out / "metrics.csv")
+    assert not (out / "curves.png").exists()  # --no-curves
+    rows = read_rows(out)
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
     assert [r["stage"] for r in rows] == ["1", "2", "2"]
     assert rows[0]["unfreeze_level"] == "0" and rows[1]["unfreeze_level"] == "5"
@@ -61,6 +55,7 @@ def test_two_stage_run_writes_checkpoints_metrics_and_test_scores(demo_root, tmp
     assert "demo" in test["results"] and 0.0 <= test["results"]["demo"]["iou"] <= 1.0
 
 
+@pytest.mark.e2e
 def test_stage1_leaves_backbone_untouched_and_trains_decoder(demo_root, tmp_path):
     from models import build_model
 
@@ -77,6 +72,7 @@ def test_stage1_leaves_backbone_untouched_and_trains_decoder(demo_root, tmp_path
     assert any(not torch.equal(initial[k], trained[k]) for k in dec)
 
 
+@pytest.mark.e2e
 def test_limit_batches_caps_optimizer_steps(demo_root, tmp_path):
     out = tmp_path / "lim"
     assert run(["--dataset-path", demo_root, "--checkpoint-dir", str(out), "--epochs", "2",
@@ -84,18 +80,19 @@ def test_limit_batches_caps_optimizer_steps(demo_root, tmp_path):
     assert ckpt.load(str(out / "last.pth"))["global_step"] == 2
 
 
+@pytest.mark.e2e
 def test_resume_and_skip_stage1_continue_history(demo_root, tmp_path):
     out = tmp_path / "res"
     base = ["--dataset-path", demo_root, "--checkpoint-dir", str(out), "--stage1-epochs", "1",
             "--limit-batches", "1", *TINY]
     assert run([*base, "--epochs", "2"]) == 0
     assert run([*base, "--epochs", "3", "--resume-from", str(out / "last.pth")]) == 0
-    rows = read_csv(out / "metrics.csv")
+    rows = read_rows(out)
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
     skip = tmp_path / "skip"
     assert run(["--dataset-path", demo_root, "--checkpoint-dir", str(skip), "--epochs", "3",
                 "--stage1-epochs", "2", "--limit-batches", "1", "--skip-stage1", *TINY]) == 0
-    rows = read_csv(skip / "metrics.csv")
+    rows = read_rows(skip)
     assert [(r["epoch"], r["stage"]) for r in rows] == [("3", "2")]
 
 

@@ -9,55 +9,21 @@ folder, and the acceptance flags are appended (later flags win). Commands run in
 """
 
 import os
-import shlex
-import shutil
 
-import cv2
 import pytest
 
 import train_ultimate
-from data import make_demo_dataset
+from tests.helpers import make_cod10k, parse_commands
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED_COMMANDS = os.path.join(HERE, "..", "..", "shared", "usage", "commands.txt")
 COPY = os.path.join(HERE, "fixtures", "user_commands.txt")
 SHRINK = ["--epochs", "2", "--stage1-epochs", "1", "--img-size", "64", "--limit-batches", "2",
-          "--num-workers", "0", "--no-pretrained", "--no-progress"]
-
-
-def parse_commands(text):
-    """Shell commands in ``text`` as argv lists: comments and blank lines skipped, ``\\`` lines joined."""
-    commands, current = [], ""
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        current += " " + line.rstrip("\\").strip()
-        if not line.endswith("\\"):
-            commands.append(shlex.split(current))
-            current = ""
-    return commands
+          "--num-workers", "0", "--no-pretrained", "--no-progress", "--no-curves"]
 
 
 def read_commands(path):
     return parse_commands(open(path).read())
-
-
-def make_cod10k(root, demo):
-    """A COD10K-v3 folder (CAM and NonCAM names) built from generated images."""
-    names = sorted(os.listdir(os.path.join(demo, "TrainDataset", "Imgs")))
-    for split, subset in (("Train", names[:12]), ("Test", names[12:16])):
-        os.makedirs(os.path.join(root, split, "Image"))
-        os.makedirs(os.path.join(root, split, "GT_Object"))
-        for i, name in enumerate(subset):
-            stem = os.path.splitext(name)[0]
-            kind = "NonCAM" if i == 0 else "CAM"
-            new = f"COD10K-{kind}-1-Aquatic-1-Fish-{split}{i}"
-            img = cv2.imread(os.path.join(demo, "TrainDataset", "Imgs", name))
-            gt = cv2.imread(os.path.join(demo, "TrainDataset", "GT", stem + ".png"), cv2.IMREAD_GRAYSCALE)
-            cv2.imwrite(os.path.join(root, split, "Image", new + ".jpg"), img)
-            cv2.imwrite(os.path.join(root, split, "GT_Object", new + ".png"), gt)
-    return root
 
 
 @pytest.mark.skipif(not os.path.isfile(SHARED_COMMANDS), reason="../shared/usage/commands.txt not beside this clone")
@@ -66,9 +32,9 @@ def test_the_copy_matches_the_users_commands():
         assert a.read() == b.read(), f"refresh the copy: cp {SHARED_COMMANDS} {COPY}"
 
 
-def test_every_user_command_runs(tmp_path):
-    demo = make_demo_dataset(str(tmp_path / "demo"), n_train=16, n_test=2, size=64, seed=1)
-    cod = make_cod10k(str(tmp_path / "COD10K-v3"), demo)
+@pytest.mark.e2e
+def test_every_user_command_runs(demo, tmp_path):
+    cod = make_cod10k(str(tmp_path / "COD10K-v3"), demo(n_train=16, n_test=2, size=64, seed=1))
     work = str(tmp_path / "working")
     commands = read_commands(COPY)
     assert len(commands) >= 7

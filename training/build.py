@@ -20,7 +20,7 @@ from data.scan import EMPTY_FRACTION
 from evaluation.pool import MetricPool
 from losses import build_loss
 from models import build_model
-from models.flops import forward_gflops
+from models.flops import forward_gflops_once
 from training.config import Config
 from training.control import StopRequest
 from training.ema import ModelEma
@@ -217,7 +217,8 @@ def build_run(cfg: Config, rt: Runtime) -> Run:
                          moe_aux_weight=cfg.moe_aux_weight, ds_weights=cfg.ds_weights,
                          label_smoothing=cfg.label_smoothing)
     if rt.is_main:
-        log_model_summary(cfg, model, rt.device, forward_gflops(model, cfg.img_size, rt.device))
+        spec = (cfg.backbone, cfg.num_experts, cfg.moe_top_k, cfg.deep_supervision, cfg.decoder_channels)
+        log_model_summary(cfg, model, rt.device, forward_gflops_once(model, cfg.img_size, spec, rt.device))
     state = RunState(model, build_optimizer(cfg, model), rt.scaler,
                      ModelEma(model, cfg.ema_decay) if cfg.ema else None, cfg.to_dict(), cfg.monitor,
                      guard=DivergenceGuard(cfg.spike_factor) if cfg.divergence_guard else None)

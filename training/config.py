@@ -134,6 +134,7 @@ class Config:
     seed: int = DEFAULT_SEED
     threshold: float = DEFAULT_THRESHOLD
     progress: bool = True
+    curves: bool = True
     tensorboard: bool = False
 
     # ---- derived values (never stored separately, so they cannot disagree with the flags) ----

@@ -147,6 +147,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--threshold", type=float, default=d.threshold, help="binarisation threshold for IoU/Dice")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    g.add_argument("--no-curves", dest="curves", action="store_false",
+                   help="skip curves.png (drawn after every epoch; needs matplotlib)")
     _bool_flag(g, "--tensorboard", "also write TensorBoard event files (checkpoint dir/tensorboard; needs the "
                "tensorboard package)")
 

@@ -98,7 +98,7 @@ def make_reporters(cfg, is_main: bool) -> list:
     """The epoch line on every process (the others log warnings only); the files on the main one."""
     if not is_main:
         return [EpochLine()]
-    reporters = [EpochLine(), Checkpoints(), MetricsCsv(), CurvesPng()]
+    reporters = [EpochLine(), Checkpoints(), MetricsCsv()] + ([CurvesPng()] if cfg.curves else [])
     if cfg.tensorboard:
         reporters.append(TensorBoard(cfg.checkpoint_dir))
     return reporters
